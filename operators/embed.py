@@ -1,0 +1,157 @@
+"""Embedder: the model stage. One model replica per actor; GPU when the config asks for one, else CPU.
+
+Needs ``input_ids``/``num_tokens`` (from ``Tokenizer``) and ``_reject``; adds one vector column per output
+dimension (``embedding``, or ``embedding_{d}`` per Matryoshka dimension) and drops the token ids. Rows are
+length-sorted within the batch and grouped by a padded-token budget, so little compute goes to padding; vectors
+come back in the input order. A row whose vector is not finite (e.g. fp16 overflow) is marked
+``embedding_not_finite`` and written to the rejects, never as a vector. A model error fails the batch loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from operators.model import COMPUTE_DTYPES, ModelInfo, load_model
+from operators.pooling import POOLINGS, l2_normalize, matryoshka, plan_token_batches, pool
+from operators.validate import REJECT_COLUMN
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    model: ModelInfo
+    pooling: str = "mean"
+    normalize: bool = True
+    dims: tuple[int, ...] = ()  # Matryoshka dimensions; empty: the full vector in one column
+    embedding_column: str = "embedding"
+    output_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto: bf16 on CUDA, float32 on CPU
+    attn_implementation: str = "sdpa"
+    bidirectional: bool = False
+    trust_remote_code: bool = False
+    device: str = "auto"  # auto: cuda when the actor was given a GPU
+    max_tokens: int = 16384  # padded tokens per forward pass
+    max_rows: int = 256  # rows per forward pass
+    batch_size: int = 1024  # rows per actor call: the pool rows are length-sorted within
+    replicas: int = 1
+    num_gpus: float = 0.0  # per replica; fractional shares a GPU between replicas
+    num_cpus: float = 1.0
+    torch_threads: int | None = None  # CPU only; default: the node's cores split between local replicas
+    columns: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self):
+        checks = [
+            ("pooling", self.pooling, POOLINGS),
+            ("output_dtype", self.output_dtype, OUTPUT_DTYPES),
+            ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
+            ("device", self.device, DEVICES),
+        ]
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        hidden = self.model.hidden_size
+        bad = [d for d in self.dims if not 0 < d <= hidden]
+        if bad:
+            raise ValueError(f"dims must be in 1..{hidden} (the model's hidden size), got {bad}")
+        if len(set(self.dims)) != len(self.dims):
+            raise ValueError(f"dims must be distinct, got {list(self.dims)}")
+        if self.max_tokens < 1 or self.max_rows < 1 or self.batch_size < 1 or self.replicas < 1:
+            raise ValueError("max_tokens, max_rows, batch_size and replicas must be >= 1")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError(f"num_gpus and num_cpus must be >= 0, got {self.num_gpus}, {self.num_cpus}")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"num_gpus above 1 must be a whole number, got {self.num_gpus}")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device 'cuda' needs num_gpus > 0 so Ray places the replica on a GPU")
+        cols = tuple(f"{self.embedding_column}_{d}" for d in self.dims) if self.dims else (self.embedding_column,)
+        object.__setattr__(self, "columns", cols)
+
+
+def vectors_by_column(pooled: np.ndarray, cfg: EmbedConfig) -> dict[str, np.ndarray]:
+    """pooled: [N, H] float32 -> {column: [N, d]} in the stored dtype, normalised as configured."""
+    if not cfg.dims:
+        full = l2_normalize(pooled) if cfg.normalize else pooled
+        return {cfg.columns[0]: full.astype(cfg.output_dtype)}
+    heads = matryoshka(pooled, cfg.dims, normalize=cfg.normalize)
+    return {col: heads[d].astype(cfg.output_dtype) for col, d in zip(cfg.columns, cfg.dims)}
+
+
+class Embedder:
+    def __init__(self, cfg: EmbedConfig):
+        import torch
+
+        self.torch = torch
+        self.cfg = cfg
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cfg.num_gpus > 0 and torch.cuda.is_available())
+        if cfg.num_gpus > 0 and not torch.cuda.is_available():
+            # Logical GPUs (a test cluster, or a node whose driver is broken) must not silently run on CPU.
+            raise RuntimeError("this replica was given a GPU by Ray but torch sees no CUDA device")
+        self.device = "cuda" if use_cuda else "cpu"
+        if not use_cuda:
+            threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.replicas)
+            torch.set_num_threads(threads)
+        self.model = load_model(
+            cfg.model,
+            device=self.device,
+            compute_dtype=cfg.compute_dtype,
+            attn_implementation=cfg.attn_implementation,
+            bidirectional=cfg.bidirectional,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        self.pad_id = 0  # any id works: padded positions are masked out of attention and pooling
+
+    def _forward(self, ids: list[np.ndarray]) -> np.ndarray:
+        """ids: B arrays of token ids -> pooled [B, H] float32 (before normalisation)."""
+        torch = self.torch
+        longest = max(len(x) for x in ids)
+        tokens = np.full((len(ids), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), longest), dtype=np.int64)
+        for r, x in enumerate(ids):
+            tokens[r, : len(x)] = x
+            mask[r, : len(x)] = 1
+        t_tokens, t_mask = torch.from_numpy(tokens), torch.from_numpy(mask)
+        if self.device == "cuda":
+            # Pinned host memory lets the copy overlap with the previous batch's compute.
+            t_tokens = t_tokens.pin_memory().to(self.device, non_blocking=True)
+            t_mask = t_mask.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=t_tokens, attention_mask=t_mask).last_hidden_state  # [B, L, H]
+            pooled = pool(hidden, t_mask, self.cfg.pooling)  # [B, H] float32
+        return pooled.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        reasons = batch[REJECT_COLUMN].copy()
+        n = len(reasons)
+        pooled = np.zeros((n, cfg.model.hidden_size), dtype=np.float32)
+        rows = np.flatnonzero(reasons == "")
+        if len(rows):
+            ids = batch["input_ids"]
+            lengths = batch["num_tokens"][rows]
+            for group in plan_token_batches(lengths, cfg.max_tokens, cfg.max_rows):
+                pooled[rows[group]] = self._forward([ids[rows[i]] for i in group])
+        bad = ~np.isfinite(pooled).all(axis=1) & (reasons == "")
+        if bad.any():
+            logger.warning("%d rows produced non-finite embeddings; set aside as rejects", int(bad.sum()))
+            reasons[bad] = "embedding_not_finite"
+            pooled[bad] = 0.0
+        out = {k: v for k, v in batch.items() if k not in ("input_ids", "num_tokens")}
+        out[REJECT_COLUMN] = reasons
+        vectors = vectors_by_column(pooled, cfg)
+        if cfg.output_dtype == "float16":
+            # Values past fp16's range become inf in the cast: those rows go to the rejects too.
+            over = np.zeros(n, dtype=bool)
+            for v in vectors.values():
+                over |= ~np.isfinite(v).all(axis=1)
+            over &= reasons == ""
+            reasons[over] = "embedding_not_finite"
+        out.update(vectors)
+        return out

@@ -1,0 +1,171 @@
+"""Loading Hugging Face models from local folders, the way the embedding and teacher operators need them.
+
+Never reaches a hub: every load is ``local_files_only`` and the folder must exist. Weights load from safetensors
+only unless the caller allows pickle files explicitly (a ``pytorch_model.bin`` can run code when unpickled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ST_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learns from a model folder's JSON files, without loading weights."""
+
+    path: str
+    name: str
+    model_type: str
+    hidden_size: int
+    max_positions: int | None
+    st_max_seq_length: int | None  # sentence-transformers' max_seq_length, when the folder is an ST model
+    st_pooling: str | None  # sentence-transformers' pooling mode, when it is one we implement
+    weight_files: tuple[str, ...]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def inspect_model(path: str, *, allow_pickle: bool = False) -> ModelInfo:
+    """Read a local model folder's config; fail with a clear message if it is not a loadable model folder."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model folder {path!r} does not exist (models load from local folders only, never a hub)"
+        )
+    cfg = _read_json(root / "config.json")
+    if cfg is None:
+        raise FileNotFoundError(
+            f"model folder {path!r} has no config.json; found {sorted(p.name for p in root.iterdir())}"
+        )
+    weights = sorted(p.name for p in root.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in root.glob("*.bin"))
+        if pickled and not allow_pickle:
+            raise ValueError(
+                f"model folder {path!r} has only pickle weights {pickled}; loading them can run arbitrary code. "
+                "Convert them to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        if not pickled:
+            raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
+        weights = pickled
+    text_cfg = cfg.get("text_config", cfg)  # multimodal configs (Gemma 3) nest the LM's fields
+    hidden = text_cfg.get("hidden_size") or text_cfg.get("d_model") or text_cfg.get("dim")
+    if not hidden:
+        raise ValueError(f"cannot tell the hidden size of model {path!r} from its config.json")
+    st_cfg = _read_json(root / "sentence_bert_config.json") or {}
+    st_pool = _read_json(root / "1_Pooling" / "config.json") or {}
+    st_pooling = next((mode for key, mode in ST_POOLING_KEYS.items() if st_pool.get(key)), None)
+    return ModelInfo(
+        path=str(root.resolve()),
+        name=cfg.get("_name_or_path") or root.resolve().name,
+        model_type=cfg.get("model_type", "unknown"),
+        hidden_size=int(hidden),
+        max_positions=text_cfg.get("max_position_embeddings"),
+        st_max_seq_length=st_cfg.get("max_seq_length"),
+        st_pooling=st_pooling,
+        weight_files=tuple(weights),
+    )
+
+
+def weights_sha256(info: ModelInfo) -> str:
+    """sha256 over the weight files in name order: identifies the exact weights a run used (~1-2 s per GB)."""
+    h = hashlib.sha256()
+    for name in info.weight_files:
+        h.update(name.encode() + b"\0")
+        with open(Path(info.path) / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_compute_dtype(name: str, device: str):
+    """'auto' means bf16 on CUDA (KaLM's inference dtype) and float32 on CPU, where half types are slow."""
+    import torch
+
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def make_bidirectional(model) -> int:
+    """Remove the causal mask of a decoder LM, as KaLM-Embedding V2 does. Returns how many modules were switched.
+
+    Two switches, both needed: ``config.is_causal = False`` makes transformers' mask builder return a padding-only
+    (bidirectional) mask; each attention module's ``is_causal`` flag is what SDPA/flash kernels read when the mask
+    builder skips the mask (no padding in the batch), which would otherwise silently fall back to causal.
+    """
+    configs = [model.config] + [getattr(model.config, k) for k in ("text_config",) if hasattr(model.config, k)]
+    for cfg in configs:
+        cfg.is_causal = False
+        if hasattr(cfg, "use_bidirectional_attention"):  # Gemma 3's own switch (EmbeddingGemma)
+            cfg.use_bidirectional_attention = True
+    layer_types = set(getattr(model.config, "layer_types", None) or [])
+    if "sliding_attention" in layer_types and not hasattr(model.config, "use_bidirectional_attention"):
+        raise ValueError(
+            f"bidirectional attention is not supported for {model.config.model_type} models with sliding-window layers"
+        )
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "is_causal", None) is True:
+            module.is_causal = False
+            switched += 1
+    return switched
+
+
+def load_model(
+    info: ModelInfo,
+    *,
+    device: str,
+    compute_dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    bidirectional: bool = False,
+    trust_remote_code: bool = False,
+    auto_class: str = "AutoModel",
+):
+    """Load weights onto ``device`` in eval mode. bf16/fp16 on CUDA with SDPA (flash kernels where PyTorch has them)."""
+    import torch
+    import transformers
+
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    cls = getattr(transformers, auto_class)
+    model = cls.from_pretrained(
+        info.path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        local_files_only=True,
+        use_safetensors=info.weight_files[0].endswith(".safetensors"),
+        trust_remote_code=trust_remote_code,
+    )
+    if bidirectional:
+        n = make_bidirectional(model)
+        logger.info("bidirectional attention: %d attention modules switched off causal", n)
+    model.to(device).eval()
+    torch.set_grad_enabled(False)
+    return model
+
+
+def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=trust_remote_code)

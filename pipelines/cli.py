@@ -1,0 +1,129 @@
+"""The ``kalm`` command line. Flags are generated from each job's config dataclass, so YAML keys and flags are
+the same names (``max_length`` <-> ``--max-length``) and cannot drift apart.
+
+Exit codes: 0 done; 2 bad config or input, found before any work; 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+
+from pipelines import config as config_mod
+
+EXIT_BAD_CONFIG = 2
+EXIT_RUN_FAILED = 1
+
+EMBED_HELP = {
+    "input": "input file, folder, glob, or `datasets` save_to_disk folder (default: the bundled sample corpus)",
+    "output": "output folder (default: kalm-out/embed)",
+    "format": "input format: parquet, jsonl, csv or hf (default: from file names)",
+    "model": "local model folder (default: the bundled all-MiniLM-L6-v2)",
+    "add_ids": "derive stable ids from file + row position when the input has no id column",
+    "keep_columns": "comma-separated input columns to copy to the output",
+    "text_kind": "document (default) or query: which prompt applies",
+    "task": "the task filled into {task} of the query prompt",
+    "query_prompt": "query template; {task} and {text} are filled",
+    "document_prompt": "document template (default: none)",
+    "max_length": "max tokens per text, prompt included (default: model's ST max_seq_length, else 512)",
+    "pooling": "mean, cls or last (default: the model's ST pooling, else mean)",
+    "dims": "Matryoshka dimensions, e.g. 896,256,64: one column each",
+    "dtype": "stored vector dtype: float32 or float16",
+    "compute_dtype": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+    "bidirectional": "run a decoder LM without its causal mask (KaLM-Embedding V2)",
+    "num_gpus": "GPUs per model replica, fractional allowed (default: 1 if the cluster has GPUs)",
+    "replicas": "model replicas (default: GPUs / num_gpus, or 1 on CPU)",
+    "max_tokens": "padded-token budget per forward pass",
+    "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    "overwrite": "replace an existing non-empty output folder",
+}
+
+
+def _flag_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    if typing.get_origin(base) is tuple:
+        return str  # comma-separated; config._coerce splits and types the items
+    if base in (int, float):
+        return base
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, help_texts: dict[str, str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = help_texts.get(f.name, "") + (f" [default: {default}]" if default not in (None, "", ()) else "")
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, type=_flag_type(hint), default=argparse.SUPPRESS, help=text, metavar="V")
+
+
+def overrides_from(ns: argparse.Namespace, cls) -> dict:
+    """Only the flags the user gave (argparse.SUPPRESS keeps the rest out), so YAML values are not masked."""
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.embed import EmbedJobConfig
+
+    parser = argparse.ArgumentParser(prog="kalm", description="KaLM-style embedding pipelines on Ray Data")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("embed", help="bulk-embed a corpus to Parquet")
+    p.add_argument("--config", help="YAML file of embed settings (flags override it)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    add_config_flags(p, EmbedJobConfig, EMBED_HELP)
+    b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
+    b.add_argument("--input", help="texts to embed (default: the bundled corpus)")
+    b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2)")
+    b.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
+    b.add_argument("--repeat", type=int, default=1, help="passes over the texts")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if ns.command == "embed":
+            from pipelines import embed
+
+            job = config_mod.load(embed.EmbedJobConfig, ns.config, overrides_from(ns, embed.EmbedJobConfig))
+            if ns.print_config:
+                print(json.dumps(config_mod.to_dict(job), indent=2))
+                return 0
+            manifest = embed.run(job)
+            c = manifest["counts"]
+            print(
+                f"embedded {c['rows_out']} of {c['rows_in']} rows ({c['rows_rejected']} rejected "
+                f"{c['rejected_by_reason']}, {c['rows_truncated']} truncated) in "
+                f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}"
+            )
+            return 0
+        if ns.command == "bench":
+            from pipelines import bench
+
+            bench.main(ns)
+            return 0
+    except config_mod.ConfigError as e:
+        print(f"kalm {ns.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return EXIT_RUN_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""One config model for every command: a frozen dataclass, loaded from YAML, overridden by CLI flags.
+
+Precedence: dataclass defaults < YAML file < flags given on the command line. Unknown keys and wrong types fail
+on the driver before Ray starts, naming the key and the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ConfigError(f"{name} must not be null")
+    if origin in (typing.Union, types.UnionType):
+        non_null = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_null:
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item = args[0]
+        if item in (int, float):  # "896,256" from a flag
+            value = [_number(name, v, item) if isinstance(v, str) else v for v in value]
+        return tuple(_coerce(name, v, item) for v in value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _number(name: str, text: str, kind):
+    try:
+        return kind(text)
+    except ValueError as e:
+        raise ConfigError(f"{name} must hold {kind.__name__}s, got {text!r}") from e
+
+
+def build(cls, values: dict[str, Any]):
+    """Make a ``cls`` from a flat mapping, checking keys and types; ``__post_init__`` checks ranges."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(fields)}")
+    kwargs = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def load(cls, path: str | None, overrides: dict[str, Any]):
+    """Defaults < YAML at ``path`` < overrides (flags the user actually gave)."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update(overrides)
+    return build(cls, values)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v

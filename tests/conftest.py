@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random models built offline from configs, and one Ray session per test run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # pipelines/operators import from the repo root, as a Ray job's working_dir does
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = (
+    "the a of to and in is it that for on with as was python list dict string function class module error file "
+    "import return value loop object method type data code test run call key set map read write line"
+).split()
+
+
+def make_tokenizer(path: Path, *, kind: str) -> None:
+    """A tokenizer built offline with `tokenizers`, saved so AutoTokenizer.from_pretrained loads it.
+
+    kind="bert": word-level, [CLS] text [SEP]. kind="decoder": byte-level BPE trained on a few sentences, no
+    special tokens around the text (as Qwen2 encodes plain text); transformers maps a Qwen2 folder to its
+    Qwen2Tokenizer, which reads the vocab and merges from tokenizer.json.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    if kind == "bert":
+        vocab = {t: i for i, t in enumerate(specials + WORDS)}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+        tok.train_from_iterator(sentences, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+
+
+def _save(model, path: Path) -> str:
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    make_tokenizer(path, kind="bert")
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return _save(BertModel(cfg).eval(), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> str:
+    import torch
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    make_tokenizer(path, kind="decoder")
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    return _save(Qwen2Model(cfg).eval(), path)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> str:
+    from pipelines.defaults import default_student
+
+    return default_student()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole run (start-up costs seconds). 2 logical CPUs, as on CI."""
+    import ray
+
+    from pipelines.runtime import WORKER_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,185 @@
+"""Operators called directly on small batches with tiny random models (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from operators.embed import EmbedConfig, Embedder
+from operators.model import inspect_model, load_model
+from operators.tokenize import TokenizeConfig, Tokenizer, apply_prompt
+from operators.validate import REJECT_COLUMN, IdRegistry, ValidateConfig, id_key, reject_reasons, validate_rows
+
+TEXTS = [
+    "the python list",
+    "a dict of string key value data",
+    "import module and call the function in a loop to read the file line",
+    "error",
+    "class method return type object",
+]
+
+
+def _batch(texts, ids=None):
+    ids = np.arange(len(texts)) if ids is None else np.array(ids, dtype=object)
+    return validate_rows({"id": ids, "text": np.array(texts, dtype=object)}, cfg=ValidateConfig(), registry=None)
+
+
+def _reference(model_dir: str, texts: list[str], pooling="mean", bidirectional=False) -> np.ndarray:
+    """Independent reference: one unpadded forward per text with transformers directly, pooled by hand."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    if bidirectional:
+        model.config.is_causal = False
+        for m in model.modules():
+            if getattr(m, "is_causal", None):
+                m.is_causal = False
+    out = []
+    for t in texts:
+        enc = tok(t, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state[0]
+        v = {"mean": h.mean(0), "cls": h[0], "last": h[-1]}[pooling].numpy()
+        out.append(v / np.linalg.norm(v))
+    return np.stack(out)
+
+
+def test_reject_reasons():
+    ids = np.array([1, None, 3, 4, 5, 6], dtype=object)
+    texts = np.array(["ok", "x", None, "  \n", 7, float("nan")], dtype=object)
+    assert reject_reasons(ids, texts).tolist() == ["", "id_null", "text_null", "text_empty", "text_not_string", "text_null"]
+
+
+def test_id_registry_keeps_first_claim_and_types_ids():
+    reg = IdRegistry()
+    assert reg.claim([id_key("a"), id_key("b"), id_key("a")]).tolist() == [True, True, False]
+    assert reg.claim([id_key("b"), id_key(1), id_key("1")]).tolist() == [False, True, True]
+
+
+def test_prompt_forms():
+    assert apply_prompt("Instruct: T\nQuery: {text}", "q") == "Instruct: T\nQuery: q"
+    assert apply_prompt("Instruct: T \n Query: ", "q") == "Instruct: T \n Query: q"  # KaLM's older prefix form
+    assert apply_prompt(None, "q") == "q"
+
+
+def test_tokenizer_matches_hf_applies_prompt_and_counts_truncation(tiny_bert):
+    info = inspect_model(tiny_bert)
+    prompt = "Instruct: find code\nQuery: {text}"
+    tok = Tokenizer(TokenizeConfig(model=info, prompt=prompt, max_length=12))
+    out = tok(_batch(["the list", "the list of the string key value data in a file", None]))
+    hf = AutoTokenizer.from_pretrained(tiny_bert)
+    want0 = hf(apply_prompt(prompt, "the list"))["input_ids"]
+    assert out["input_ids"][0].tolist() == want0  # prompt tokens count toward max_length
+    assert out["truncated"].tolist() == [False, True, False]
+    assert len(want0) == 10  # [CLS] Instruct : find code Query : the list [SEP]
+    assert out["num_tokens"].tolist() == [10, 12, 0]
+    want1 = hf(apply_prompt(prompt, "the list of the string key value data in a file"), truncation=True, max_length=12)
+    assert out["input_ids"][1].tolist() == want1["input_ids"]
+    assert out["input_ids"][1][-1] == hf.convert_tokens_to_ids("[SEP]")  # truncation keeps the special tokens
+    assert out[REJECT_COLUMN].tolist() == ["", "", "text_null"]
+    assert "text" not in out
+
+
+def test_tokenizer_cuts_huge_text_before_tokenising(tiny_bert):
+    tok = Tokenizer(TokenizeConfig(model=inspect_model(tiny_bert), max_length=16))
+    out = tok(_batch(["python " * 200_000]))  # 1.4 MB of text
+    assert out["num_tokens"][0] == 16 and out["truncated"][0]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_embedder_matches_unbatched_reference_whatever_the_batching(tiny_bert, pooling):
+    info = inspect_model(tiny_bert)
+    tok = Tokenizer(TokenizeConfig(model=info, max_length=64))
+    want = _reference(tiny_bert, TEXTS, pooling)
+    for max_tokens, max_rows in [(10_000, 64), (16, 1), (40, 2)]:
+        emb = Embedder(EmbedConfig(model=info, pooling=pooling, max_tokens=max_tokens, max_rows=max_rows))
+        got = emb(tok(_batch(TEXTS)))["embedding"]
+        assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_embedder_matryoshka_columns_and_float16(tiny_bert):
+    info = inspect_model(tiny_bert)
+    tok = Tokenizer(TokenizeConfig(model=info, max_length=64))
+    emb = Embedder(EmbedConfig(model=info, dims=(32, 8), output_dtype="float16"))
+    out = emb(tok(_batch(TEXTS)))
+    full = _reference(tiny_bert, TEXTS)
+    assert set(out) >= {"embedding_32", "embedding_8"} and "embedding" not in out
+    assert out["embedding_8"].dtype == np.float16
+    head = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(out["embedding_8"].astype(np.float32), head, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding_8"].astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_embedder_sets_aside_non_finite_rows(tiny_bert, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "nan-bert"
+    shutil.copytree(tiny_bert, model_dir)
+    model = AutoModel.from_pretrained(model_dir)
+    tok_hf = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():  # a poisoned word embedding: any text containing "error" yields NaN
+        model.embeddings.word_embeddings.weight[tok_hf.convert_tokens_to_ids("error")] = float("nan")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    info = inspect_model(str(model_dir))
+    out = Embedder(EmbedConfig(model=info))(Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS)))
+    assert out[REJECT_COLUMN].tolist() == ["", "", "", "embedding_not_finite", ""]
+    assert np.isfinite(out["embedding"]).all()
+
+
+def test_rejected_rows_pass_through_untouched(tiny_bert):
+    info = inspect_model(tiny_bert)
+    batch = _batch(["the list", "", None, "a file"])
+    out = Embedder(EmbedConfig(model=info))(Tokenizer(TokenizeConfig(model=info, max_length=64))(batch))
+    assert out[REJECT_COLUMN].tolist() == ["", "text_empty", "text_null", ""]
+    np.testing.assert_allclose(out["embedding"][[0, 3]], _reference(tiny_bert, ["the list", "a file"]), atol=1e-5)
+
+
+def _first_token_state(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).last_hidden_state[0, 0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bidirectional_lets_first_token_see_later_tokens(tiny_qwen2, attn):
+    info = inspect_model(tiny_qwen2)
+    a, b = [5, 6, 7, 8], [5, 6, 7, 20]  # differ only in the last token
+    causal = load_model(info, device="cpu", attn_implementation=attn)
+    assert torch.allclose(_first_token_state(causal, a), _first_token_state(causal, b))
+    bidi = load_model(info, device="cpu", attn_implementation=attn, bidirectional=True)
+    assert not torch.allclose(_first_token_state(bidi, a), _first_token_state(bidi, b), atol=1e-4)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_decoder_padding_does_not_change_vectors(tiny_qwen2, bidirectional):
+    """Right padding in a batch must give the same vectors as unpadded single-row forwards (mask correctness)."""
+    info = inspect_model(tiny_qwen2)
+    tok = Tokenizer(TokenizeConfig(model=info, max_length=64))
+    for pooling in ("mean", "last"):
+        emb = Embedder(EmbedConfig(model=info, pooling=pooling, bidirectional=bidirectional))
+        got = emb(tok(_batch(TEXTS)))["embedding"]
+        np.testing.assert_allclose(got, _reference(tiny_qwen2, TEXTS, pooling, bidirectional), atol=1e-5)
+
+
+def test_config_errors_name_bad_value_and_valid_ones(tiny_bert):
+    info = inspect_model(tiny_bert)
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'cls', 'last'\), got 'max'"):
+        EmbedConfig(model=info, pooling="max")
+    with pytest.raises(ValueError, match=r"dims must be in 1..32 .* got \[64\]"):
+        EmbedConfig(model=info, dims=(64, 8))
+    with pytest.raises(ValueError, match="max_length 100 exceeds the model's max_position_embeddings 64"):
+        TokenizeConfig(model=info, max_length=100)
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_bert):
+    import shutil
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_bert, d)
+    model = AutoModel.from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="only pickle weights.*--allow-pickle"):
+        inspect_model(str(d))
+    assert inspect_model(str(d), allow_pickle=True).weight_files == ("pytorch_model.bin",)
