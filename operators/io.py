@@ -155,7 +155,8 @@ def read_input(inp: InputFiles, *, add_ids: bool, id_column: str, columns: list[
     if not add_ids and inp.format != "hf":
         args = {"num_cpus": num_cpus}
         if inp.format == "parquet":
-            return ray.data.read_parquet(list(inp.files), columns=columns, **args)
+            ds = ray.data.read_parquet(list(inp.files), **args)
+            return ds.select_columns(columns) if columns else ds  # Ray pushes the projection into the read
         if inp.format == "csv":
             return ray.data.read_csv(list(inp.files), **args)
         return ray.data.read_json(list(inp.files), lines=True, **args)

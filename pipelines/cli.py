@@ -44,6 +44,8 @@ EMBED_HELP = {
 
 
 def _flag_type(hint):
+    if typing.get_origin(hint) is tuple:
+        return str  # comma-separated; config._coerce splits and types the items
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0]
     if typing.get_origin(base) is tuple:

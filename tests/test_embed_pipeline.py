@@ -1,0 +1,161 @@
+"""End to end through the `kalm embed` CLI on the shared local Ray session."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import EXIT_BAD_CONFIG, main
+from tests.test_operators import _reference
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _read_output(out):
+    files = sorted(out.glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def _read_rejects(out):
+    files = sorted((out / "_rejects").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def test_jsonl_folder_with_bad_rows_counts_add_up(ray_local, tiny_bert, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    words = "the python list dict string function class module error file import return value".split()
+    good = [{"id": f"d{i}", "text": " ".join(words[i % 7 : i % 7 + 3 + i % 5])} for i in range(30)]
+    bad = [
+        {"id": "n1", "text": None},
+        {"id": "e1", "text": ""},
+        {"id": "w1", "text": "  \t\n "},
+        {"id": "d3", "text": "a duplicate id"},  # d3 is also in the first file
+        {"id": "long", "text": "python " * 500},  # longer than max_length: embedded, counted truncated
+    ]
+    _write_jsonl(src / "a.jsonl", good[:20])
+    _write_jsonl(src / "b.jsonl", good[20:] + bad)
+    out = tmp_path / "out"
+    rc = main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "32"])
+    assert rc == 0
+    table = _read_output(out)
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted([r["id"] for r in good] + ["long"])  # each valid id exactly once
+    assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
+    assert table.schema.field("embedding").type.list_size == 32
+    assert table.schema.field("embedding").type.value_type == pa.float32()
+    rejects = {(r["id"], r["reason"]) for r in _read_rejects(out)}
+    assert rejects == {("n1", "text_null"), ("e1", "text_empty"), ("w1", "text_empty"), ("d3", "id_duplicate")}
+    manifest = json.loads((out / "_manifest.json").read_text())
+    c = manifest["counts"]
+    assert c["rows_in"] == 35 and c["rows_out"] == 31 and c["rows_rejected"] == 4
+    assert c["rejected_by_reason"] == {"id_duplicate": 1, "text_empty": 2, "text_null": 1}
+    assert c["rows_truncated"] == 1
+    assert manifest["model"]["weights_sha256"] and manifest["versions"]["ray"]
+    assert manifest["config"]["max_length"] == 32
+    # vectors against an independent per-row forward of the same model
+    by_id = dict(zip(ids, np.stack(table.column("embedding").to_numpy(zero_copy_only=False))))
+    texts = {r["id"]: r["text"] for r in good[:20]}  # first file: no duplicate ambiguity
+    want = _reference(tiny_bert, list(texts.values()))
+    got = np.stack([by_id[i] for i in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_csv_without_ids_add_ids_dims_float16_keep_columns(ray_local, tiny_bert, tmp_path, capsys):
+    src = tmp_path / "docs.csv"
+    src.write_text("title,text\nt0,the python list\nt1,a dict of string\nt2,import the module\n")
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "32"]
+    assert main(args) == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert "missing column(s) ['id']" in err and "columns found: ['title', 'text']" in err and "--add-ids" in err
+    assert not list(out.glob("*"))  # failed before any work
+    rc = main(args + ["--add-ids", "--dims", "32,8", "--dtype", "float16", "--keep-columns", "title"])
+    assert rc == 0
+    table = _read_output(out).sort_by("id")
+    assert table.column("id").to_pylist() == ["docs.csv:0", "docs.csv:1", "docs.csv:2"]
+    assert table.column("title").to_pylist() == ["t0", "t1", "t2"]
+    for d in (32, 8):
+        t = table.schema.field(f"embedding_{d}").type
+        assert pa.types.is_fixed_size_list(t) and t.list_size == d and t.value_type == pa.float16()
+    v8 = np.stack(table.column("embedding_8").to_numpy(zero_copy_only=False)).astype(np.float32)
+    full = _reference(tiny_bert, ["the python list", "a dict of string", "import the module"])
+    head = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(v8, head, atol=2e-3)
+
+
+def test_hf_save_to_disk_input_and_query_prompt(ray_local, tiny_bert, tmp_path):
+    import datasets
+
+    texts = ["the python list", "read the file line", "call the function"]
+    ds_path = tmp_path / "hf"
+    datasets.Dataset.from_dict({"qid": [10, 11, 12], "query": texts}).save_to_disk(str(ds_path))
+    out = tmp_path / "out"
+    rc = main(
+        ["embed", "--input", str(ds_path), "--output", str(out), "--model", tiny_bert, "--id-column", "qid",
+         "--text-column", "query", "--text-kind", "query", "--task", "find code", "--max-length", "32"]
+    )  # fmt: skip
+    assert rc == 0
+    table = _read_output(out).sort_by("qid")
+    assert table.column("qid").to_pylist() == [10, 11, 12]
+    want = _reference(tiny_bert, [f"Instruct: find code\nQuery: {t}" for t in texts])
+    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), want, atol=1e-5)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["resolved"]["prompt"] == "Instruct: find code\nQuery: {text}"
+    assert manifest["resolved"]["input_format"] == "hf"
+
+
+def test_default_model_matches_sentence_transformers(ray_local, default_model, tmp_path):
+    """The real bundled all-MiniLM-L6-v2 through the pipeline vs sentence-transformers encode, row by row."""
+    from sentence_transformers import SentenceTransformer
+
+    from pipelines.defaults import SAMPLE_CORPUS
+
+    sample = pq.read_table(SAMPLE_CORPUS).slice(0, 200)
+    src = tmp_path / "sample.parquet"
+    pq.write_table(sample, src)
+    out = tmp_path / "out"
+    assert main(["embed", "--input", str(src), "--output", str(out)]) == 0
+    table = _read_output(out)
+    got = dict(zip(table.column("id").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))))
+    assert len(got) == 200
+    st = SentenceTransformer(default_model, device="cpu")
+    ref = st.encode(sample.column("text").to_pylist(), batch_size=32, normalize_embeddings=True)
+    cos = np.array([float(np.dot(got[i], r)) for i, r in zip(sample.column("id").to_pylist(), ref)])
+    assert cos.min() >= 0.9999, f"worst cosine {cos.min()} at row {int(cos.argmin())}"
+
+
+def test_bad_config_fails_before_work(tiny_bert, tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    _write_jsonl(src, [{"id": 1, "body": "x"}])
+    out = tmp_path / "out"
+    assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert]) == EXIT_BAD_CONFIG
+    assert "missing column(s) ['text']; columns found: ['id', 'body']" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    _write_jsonl(good, [{"id": 1, "text": "x"}])
+    assert main(["embed", "--input", str(good), "--model", tiny_bert, "--pooling", "max"]) == EXIT_BAD_CONFIG
+    assert "pooling must be one of ('mean', 'cls', 'last'), got 'max'" in capsys.readouterr().err
+    cfg = tmp_path / "embed.yaml"
+    cfg.write_text("input: x\nmax_lenght: 3\n")
+    assert main(["embed", "--config", str(cfg)]) == EXIT_BAD_CONFIG
+    assert "unknown config key(s) ['max_lenght']" in capsys.readouterr().err
+    assert main(["embed", "--input", str(tmp_path / "nope.parquet"), "--model", tiny_bert]) == EXIT_BAD_CONFIG
+    assert "no input files found" in capsys.readouterr().err
+
+
+def test_existing_output_is_not_overwritten(tiny_bert, tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    _write_jsonl(src, [{"id": 1, "text": "x"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert]) == EXIT_BAD_CONFIG
+    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
