@@ -149,9 +149,12 @@ def load_model(
 
     dtype = resolve_compute_dtype(compute_dtype, device)
     cls = getattr(transformers, auto_class)
+    # transformers renamed torch_dtype to dtype in 4.56; GPU images often carry an older release.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     model = cls.from_pretrained(
         info.path,
-        dtype=dtype,
+        **{dtype_kw: dtype},
         attn_implementation=attn_implementation,
         local_files_only=True,
         use_safetensors=info.weight_files[0].endswith(".safetensors"),

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", help="texts to embed (default: the bundled corpus)")
     b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2)")
     b.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
-    b.add_argument("--repeat", type=int, default=1, help="passes over the texts")
+    b.add_argument("--repeat", type=int, default=2, help="extra copies of the texts in the large pipeline run")
     b.add_argument("--json", help="also write the results to this JSON file")
     return parser
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import EXIT_BAD_CONFIG, main
-from tests.test_operators import _reference
+from tests.reference import reference as _reference
 
 
 def _write_jsonl(path, rows):

@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from tests.reference import reference as _reference
+
 from operators.embed import EmbedConfig, Embedder
 from operators.model import inspect_model, load_model
 from operators.tokenize import TokenizeConfig, Tokenizer, apply_prompt
@@ -26,29 +28,17 @@ def _batch(texts, ids=None):
     return validate_rows({"id": ids, "text": np.array(texts, dtype=object)}, cfg=ValidateConfig(), registry=None)
 
 
-def _reference(model_dir: str, texts: list[str], pooling="mean", bidirectional=False) -> np.ndarray:
-    """Independent reference: one unpadded forward per text with transformers directly, pooled by hand."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    if bidirectional:
-        model.config.is_causal = False
-        for m in model.modules():
-            if getattr(m, "is_causal", None):
-                m.is_causal = False
-    out = []
-    for t in texts:
-        enc = tok(t, return_tensors="pt")
-        with torch.no_grad():
-            h = model(**enc).last_hidden_state[0]
-        v = {"mean": h.mean(0), "cls": h[0], "last": h[-1]}[pooling].numpy()
-        out.append(v / np.linalg.norm(v))
-    return np.stack(out)
-
-
 def test_reject_reasons():
     ids = np.array([1, None, 3, 4, 5, 6], dtype=object)
     texts = np.array(["ok", "x", None, "  \n", 7, float("nan")], dtype=object)
-    assert reject_reasons(ids, texts).tolist() == ["", "id_null", "text_null", "text_empty", "text_not_string", "text_null"]
+    assert reject_reasons(ids, texts).tolist() == [
+        "",
+        "id_null",
+        "text_null",
+        "text_empty",
+        "text_not_string",
+        "text_null",
+    ]
 
 
 def test_id_registry_keeps_first_claim_and_types_ids():

@@ -1,0 +1,138 @@
+"""``kalm bench``: kalm embed against sentence-transformers and a raw in-process forward, same model and texts.
+
+All figures come from one run on the current machine:
+- ``sentence_transformers``: ``SentenceTransformer.encode`` (batch size ``--batch-size``), model load excluded;
+- ``raw_forward``: this project's Tokenizer + Embedder called in-process, no Ray (the ceiling for the pipeline);
+- ``pipeline``: ``kalm embed`` end to end on Ray. Ray start-up is timed separately. Steady state is the marginal
+  rate between a run on the texts x1 and a run on the texts x(1 + repeat): (extra rows) / (extra seconds), which
+  cancels the fixed costs (actor start, model load, first-block latency) that a long job amortises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import defaults
+
+logger = logging.getLogger(__name__)
+
+
+def _texts(path: str | None) -> list[str]:
+    table = pq.read_table(path or defaults.SAMPLE_CORPUS, columns=["text"])
+    return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
+
+
+def _write_copies(texts: list[str], copies: int, folder: Path, files: int = 4) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(f"{c}-{i}", t) for c in range(copies) for i, t in enumerate(texts)]
+    for k in range(files):
+        part = rows[k::files]
+        pq.write_table(pa.table({"id": [r[0] for r in part], "text": [r[1] for r in part]}), folder / f"{k}.parquet")
+    return str(folder)
+
+
+def bench_sentence_transformers(model: str, texts: list[str], batch_size: int) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model, device="cpu")
+    st.encode(texts[:64], batch_size=batch_size)  # warm-up
+    t0 = time.perf_counter()
+    st.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    dt = time.perf_counter() - t0
+    return {"rows": len(texts), "seconds": round(dt, 3), "rows_per_s": round(len(texts) / dt, 2)}
+
+
+def bench_raw_forward(model: str, texts: list[str]) -> dict:
+    from operators.embed import EmbedConfig, Embedder
+    from operators.model import inspect_model
+    from operators.tokenize import TokenizeConfig, Tokenizer
+    from operators.validate import ValidateConfig, validate_rows
+    from pipelines.embed import EmbedJobConfig, plan
+
+    # The same resolved settings the pipeline uses (max length, pooling, CPU token budget).
+    p = plan(EmbedJobConfig(model=model))
+    info = inspect_model(model)
+    tok = Tokenizer(TokenizeConfig(model=info, max_length=p.tokenize.max_length))
+    emb = Embedder(EmbedConfig(model=info, pooling=p.embed.pooling, max_tokens=p.embed.max_tokens,
+                               max_rows=p.embed.max_rows))  # fmt: skip
+    batch = {"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
+    emb(tok(validate_rows({k: v[:64] for k, v in batch.items()}, cfg=ValidateConfig(), registry=None)))  # warm-up
+    t0 = time.perf_counter()
+    tokens = 0
+    for s in range(0, len(texts), p.embed.batch_size):
+        b = validate_rows({k: v[s : s + p.embed.batch_size] for k, v in batch.items()}, cfg=ValidateConfig(),
+                          registry=None)  # fmt: skip
+        t = tok(b)
+        tokens += int(t["num_tokens"].sum())
+        emb(t)
+    dt = time.perf_counter() - t0
+    return {"rows": len(texts), "seconds": round(dt, 3), "rows_per_s": round(len(texts) / dt, 2),
+            "tokens_per_s": round(tokens / dt, 1)}  # fmt: skip
+
+
+def bench_pipeline(model: str, texts: list[str], repeat: int, workdir: Path) -> dict:
+    import ray
+
+    from pipelines.embed import EmbedJobConfig, run
+    from pipelines.runtime import WORKER_ENV
+
+    small = _write_copies(texts, 1, workdir / "in-1")
+    large = _write_copies(texts, 1 + repeat, workdir / f"in-{1 + repeat}")
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    ray_start = time.perf_counter() - t0
+    try:
+        runs = {}
+        for name, src in (("small", small), ("large", large)):
+            m = run(EmbedJobConfig(input=src, output=str(workdir / f"out-{name}"), model=model, overwrite=True))
+            runs[name] = {"rows": m["counts"]["rows_out"], "seconds": m["timings_s"]["pipeline"]}
+    finally:
+        ray.shutdown()
+    extra_rows = runs["large"]["rows"] - runs["small"]["rows"]
+    extra_s = runs["large"]["seconds"] - runs["small"]["seconds"]
+    return {
+        "ray_start_s": round(ray_start, 3),
+        "runs": runs,
+        "end_to_end_rows_per_s": round(runs["large"]["rows"] / runs["large"]["seconds"], 2),
+        "steady_rows_per_s": round(extra_rows / extra_s, 2) if extra_s > 0 else None,
+    }
+
+
+def main(ns) -> dict:
+    model = ns.model or defaults.default_student()
+    texts = _texts(ns.input)
+    import torch
+
+    result = {"model": model, "texts": len(texts), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    result["sentence_transformers"] = bench_sentence_transformers(model, texts, ns.batch_size)
+    result["raw_forward"] = bench_raw_forward(model, texts)
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-") as tmp:
+        result["pipeline"] = bench_pipeline(model, texts, ns.repeat, Path(tmp))
+    steady = result["pipeline"]["steady_rows_per_s"]
+    result["ratios"] = {
+        "pipeline_steady_over_sentence_transformers": round(steady / result["sentence_transformers"]["rows_per_s"], 3),
+        "pipeline_steady_over_raw_forward": round(steady / result["raw_forward"]["rows_per_s"], 3),
+    }
+    rows = [
+        ("sentence-transformers encode", result["sentence_transformers"]["rows_per_s"]),
+        ("raw forward (in-process)", result["raw_forward"]["rows_per_s"]),
+        ("kalm embed, steady state", steady),
+        ("kalm embed, end to end", result["pipeline"]["end_to_end_rows_per_s"]),
+    ]
+    print(f"{'measure':34s} {'rows/s':>10s}")
+    for name, v in rows:
+        print(f"{name:34s} {v:>10}")
+    print(f"Ray start-up: {result['pipeline']['ray_start_s']} s; ratios: {result['ratios']}")
+    print(json.dumps(result, indent=2))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=2))
+    return result

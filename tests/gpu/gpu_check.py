@@ -1,0 +1,180 @@
+"""GPU check of the embedding path, run on a lent GPU machine (no Ray there: the operators are called in-process).
+
+It checks and measures, in one run:
+1. the bf16 matmul peak of this GPU (the MFU denominator);
+2. correctness on CUDA: the Embedder (bf16 + SDPA, and fp32) against sentence-transformers encode of the same
+   model on the same GPU, cosine per row;
+3. throughput of the Embedder in bf16 for all-MiniLM-L6-v2 (real texts) and a randomly initialised
+   Qwen2-0.5B-shaped model with bidirectional attention (token lengths of the real texts): tokens/s, rows/s,
+   model FLOP/s and MFU, over a few token budgets;
+4. Tokenizer throughput on CPU (to size tokenizer actors per GPU).
+
+Usage: python tests/gpu/gpu_check.py --minilm DIR --out results.json [--quick] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from operators.embed import EmbedConfig, Embedder  # noqa: E402
+from operators.model import inspect_model  # noqa: E402
+from operators.tokenize import TokenizeConfig, Tokenizer  # noqa: E402
+from operators.validate import ValidateConfig, validate_rows  # noqa: E402
+
+CORPUS = Path(__file__).resolve().parents[2] / "pipelines" / "data" / "corpus.parquet"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, n: int) -> float:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def model_flops(model, lengths: np.ndarray) -> float:
+    """Forward FLOPs for real (unpadded) tokens: 2 x non-embedding params per token + attention (QK^T and AV)."""
+    cfg = model.config
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    return 2.0 * params * lengths.sum() + 4.0 * layers * hidden * (lengths.astype(np.float64) ** 2).sum()
+
+
+def run_embedder(emb: Embedder, batch: dict, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, len(batch["_reject"]), emb.cfg.batch_size):
+        emb({k: v[s : s + emb.cfg.batch_size] for k, v in batch.items()})
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def tokenized(info, texts, max_length):
+    tok = Tokenizer(TokenizeConfig(model=info, max_length=max_length))
+    b = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=ValidateConfig(),
+                      registry=None)  # fmt: skip
+    t0 = time.perf_counter()
+    out = tok(b)
+    return out, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minilm", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    dev = args.device
+    res = {"torch": torch.__version__}
+    import transformers
+
+    res["transformers"] = transformers.__version__
+    if dev == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(0)
+    texts = [t for t in pq.read_table(CORPUS).column("text").to_pylist()]
+    peak = matmul_peak(dev, 1024 if args.quick else 8192)
+    res["matmul_peak_tflops"] = round(peak / 1e12, 1)
+    print("peak", res["matmul_peak_tflops"], flush=True)
+
+    # 2. correctness against sentence-transformers on the same device
+    from sentence_transformers import SentenceTransformer
+
+    info = inspect_model(args.minilm)
+    sample = texts[: 64 if args.quick else 512]
+    st = SentenceTransformer(args.minilm, device=dev)
+    ref = st.encode(sample, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    b, _ = tokenized(info, sample, 256)
+    for cdt in ("float32", "bfloat16"):
+        emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, compute_dtype=cdt))
+        got = emb(dict(b))["embedding"]
+        cos = (got * ref).sum(1)
+        res[f"minilm_{cdt}_cos_vs_st"] = {"min": float(cos.min()), "mean": float(cos.mean())}
+        print(cdt, res[f"minilm_{cdt}_cos_vs_st"], flush=True)
+        del emb
+
+    # 3a. MiniLM throughput, bf16
+    reps = 1 if args.quick else 10
+    all_texts = texts * reps
+    b, tok_s = tokenized(info, all_texts, 256)
+    res["tokenizer_rows_per_s_one_process"] = round(len(all_texts) / tok_s, 1)
+    lengths = b["num_tokens"].astype(np.int64)
+    budgets = [16384] if args.quick else [8192, 16384, 32768, 65536]
+    res["minilm_bf16"] = []
+    for mt in budgets:
+        emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, max_tokens=mt,
+                                   max_rows=2048, batch_size=8192))  # fmt: skip
+        run_embedder(emb, {k: v[:2048] for k, v in b.items()}, dev)  # warm-up
+        dt = run_embedder(emb, b, dev)
+        fl = model_flops(emb.model, lengths)
+        r = {"max_tokens": mt, "rows_per_s": round(len(lengths) / dt, 1), "tokens_per_s": round(lengths.sum() / dt),
+             "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4)}  # fmt: skip
+        res["minilm_bf16"].append(r)
+        print("minilm", r, flush=True)
+        del emb
+
+    # 3b. Qwen2-0.5B-shaped random model, bidirectional, bf16
+    from transformers import Qwen2Config, Qwen2Model
+
+    qdir = Path("/tmp/qwen2-05b-random")
+    if not qdir.exists():
+        cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)  # fmt: skip
+        if args.quick:
+            cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        Qwen2Model(cfg).to(torch.bfloat16).save_pretrained(qdir, safe_serialization=True)
+    qinfo = inspect_model(str(qdir))
+    # Token lengths of the real corpus under a Qwen-like tokenizer are close to WordPiece's; reuse, cap at 512.
+    rng = np.random.default_rng(0)
+    vocab = qinfo.hidden_size and (151936 if not args.quick else 1000)
+    qlen = np.minimum(lengths, 512)
+    ids = np.empty(len(qlen), dtype=object)
+    for i, n in enumerate(qlen):
+        ids[i] = rng.integers(0, vocab, size=int(n), dtype=np.int32)
+    qb = {"input_ids": ids, "num_tokens": qlen.astype(np.int32), "_reject": np.full(len(qlen), "", dtype=object)}
+    if not args.quick:
+        qb = {k: v[: 3 * len(texts)] for k, v in qb.items()}
+        qlen = qlen[: 3 * len(texts)]
+    res["qwen2_05b_bf16_bidirectional"] = []
+    for mt in budgets:
+        emb = Embedder(EmbedConfig(model=qinfo, device=dev, num_gpus=1 if dev == "cuda" else 0, max_tokens=mt,
+                                   max_rows=2048, batch_size=8192, bidirectional=True))  # fmt: skip
+        run_embedder(emb, {k: v[:1024] for k, v in qb.items()}, dev)
+        dt = run_embedder(emb, qb, dev)
+        fl = model_flops(emb.model, qlen)
+        r = {"max_tokens": mt, "rows_per_s": round(len(qlen) / dt, 1), "tokens_per_s": round(qlen.sum() / dt),
+             "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4)}  # fmt: skip
+        res["qwen2_05b_bf16_bidirectional"].append(r)
+        print("qwen2-0.5b", r, flush=True)
+        del emb
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
