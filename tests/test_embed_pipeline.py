@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipelines.cli import EXIT_BAD_CONFIG, main
 from tests.reference import reference as _reference

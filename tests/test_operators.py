@@ -7,12 +7,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from tests.reference import reference as _reference
-
 from operators.embed import EmbedConfig, Embedder
 from operators.model import inspect_model, load_model
 from operators.tokenize import TokenizeConfig, Tokenizer, apply_prompt
 from operators.validate import REJECT_COLUMN, IdRegistry, ValidateConfig, id_key, reject_reasons, validate_rows
+from tests.reference import reference as _reference
 
 TEXTS = [
     "the python list",

@@ -104,7 +104,7 @@ def main():
 
     info = inspect_model(args.minilm)
     sample = texts[: 64 if args.quick else 512]
-    st = SentenceTransformer(args.minilm, device=dev)
+    st = SentenceTransformer(args.minilm, device=dev).float()  # fp32 reference (the carried weights are fp16)
     ref = st.encode(sample, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     b, _ = tokenized(info, sample, 256)
     for cdt in ("float32", "bfloat16"):
