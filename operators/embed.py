@@ -91,9 +91,11 @@ class Embedder:
         self.torch = torch
         self.cfg = cfg
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cfg.num_gpus > 0 and torch.cuda.is_available())
-        if cfg.num_gpus > 0 and not torch.cuda.is_available():
-            # Logical GPUs (a test cluster, or a node whose driver is broken) must not silently run on CPU.
-            raise RuntimeError("this replica was given a GPU by Ray but torch sees no CUDA device")
+        if cfg.num_gpus > 0 and cfg.device != "cpu" and not torch.cuda.is_available():
+            # A node whose driver is broken must not silently run on CPU; logical GPUs (a test cluster) say cpu.
+            raise RuntimeError(
+                "this replica was given a GPU by Ray but torch sees no CUDA device (device='cpu' forces CPU)"
+            )
         self.device = "cuda" if use_cuda else "cpu"
         if not use_cuda:
             threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.replicas)

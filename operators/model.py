@@ -143,7 +143,7 @@ def load_model(
     trust_remote_code: bool = False,
     auto_class: str = "AutoModel",
 ):
-    """Load weights onto ``device`` in eval mode. bf16/fp16 on CUDA with SDPA (flash kernels where PyTorch has them)."""
+    """Load weights onto ``device`` in eval mode; on CUDA, bf16/fp16 with SDPA (flash kernels where available)."""
     import torch
     import transformers
 

@@ -56,20 +56,23 @@ class EmbedJobConfig:
     dtype: str = "float32"  # of the stored vectors
     compute_dtype: str = "auto"
     bidirectional: bool = False
+    device: str = "auto"  # auto: CUDA when the replica has a GPU; cpu forces CPU (e.g. logical GPUs in a test cluster)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     num_gpus: float | None = None  # per replica; default: 1 when the cluster has GPUs, else 0 (CPU)
     replicas: int | None = None  # model replicas; default: all GPUs / num_gpus, or 1 on CPU
-    # Padded tokens / rows per forward pass. Defaults: 16384 / 512 on GPU; 2048 / 64 on CPU, where small batches
-    # stay in cache (measured on all-MiniLM-L6-v2, 2 cores: 67 rows/s at 2048 tokens vs 58 at 16384).
+    # Padded tokens / rows per forward pass. Defaults, from measurements (tests/gpu/h200-2026-11-29.json):
+    # GPU 65536 / 2048 (H200, bf16: Qwen2-0.5B-shaped 231k tokens/s at 65536 vs 147k at 16384; lower it for a large
+    # model on a small GPU); CPU 2048 / 64, where small batches stay in cache (all-MiniLM-L6-v2 on 2 cores: 67 rows/s
+    # at 2048 tokens vs 58 at 16384).
     max_tokens: int | None = None
     max_rows: int | None = None
-    batch_size: int = 1024
+    batch_size: int | None = None  # rows per actor call, length-sorted within; default 8192 on GPU, 1024 on CPU
     # Logical CPUs per model replica; default 1 on GPU, 0.5 on CPU. Ray Data's file listing and read tasks ask for
     # a whole CPU each: a CPU replica holding a full one (plus the tokenizer's share) on a 2-core node starves them
     # and the job hangs. The replica's torch threads are set separately (EmbedConfig.torch_threads).
     embed_num_cpus: float | None = None
-    tokenizer_replicas: int = 1
+    tokenizer_replicas: int | None = None  # default: one per model replica (one tokenizer feeds ~29k rows/s)
     tokenizer_num_cpus: float = 0.25
     io_num_cpus: float = 0.25
     dedupe_ids: bool = True
@@ -122,15 +125,16 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None) -> EmbedP
         replicas = job.replicas
         if replicas is None:
             replicas = max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1
+        batch_size = job.batch_size or (8192 if num_gpus > 0 else 1024)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(
             model=info,
             text_column=job.text_column,
             prompt=prompt_for(job),
             max_length=max_length,
-            replicas=job.tokenizer_replicas,
+            replicas=job.tokenizer_replicas or replicas,
             num_cpus=job.tokenizer_num_cpus,
-            batch_size=job.batch_size,
+            batch_size=batch_size,
             keep_text=job.text_column in job.keep_columns,
         )
         embed = EmbedConfig(
@@ -141,10 +145,11 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None) -> EmbedP
             output_dtype=job.dtype,
             compute_dtype=job.compute_dtype,
             bidirectional=job.bidirectional,
+            device=job.device,
             trust_remote_code=job.trust_remote_code,
-            max_tokens=job.max_tokens or (16384 if num_gpus > 0 else 2048),
-            max_rows=job.max_rows or (512 if num_gpus > 0 else 64),
-            batch_size=job.batch_size,
+            max_tokens=job.max_tokens or (65536 if num_gpus > 0 else 2048),
+            max_rows=job.max_rows or (2048 if num_gpus > 0 else 64),
+            batch_size=batch_size,
             replicas=replicas,
             num_gpus=num_gpus,
             num_cpus=job.embed_num_cpus if job.embed_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),

@@ -44,3 +44,25 @@ def test_bad_values_are_named(tmp_path, yaml_text, message):
     with pytest.raises(ConfigError) as e:
         _load(tmp_path, yaml_text, [])
     assert message in str(e.value)
+
+
+def test_plan_resolves_resources_from_the_cluster(tiny_bert):
+    from pipelines.embed import plan
+
+    cpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=0)
+    assert (cpu.embed.num_gpus, cpu.embed.replicas, cpu.embed.max_tokens, cpu.embed.num_cpus) == (0, 1, 2048, 0.5)
+    gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=4)
+    assert (gpu.embed.num_gpus, gpu.embed.replicas, gpu.embed.max_tokens, gpu.embed.num_cpus) == (0.5, 8, 65536, 1.0)
+    assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192
+    auto = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
+    assert (auto.embed.num_gpus, auto.embed.replicas) == (1.0, 2)
+
+
+def test_plan_takes_sentence_transformers_settings_of_the_default_model(default_model):
+    from pipelines.embed import plan
+
+    p = plan(EmbedJobConfig())
+    assert p.tokenize.max_length == 256 and p.embed.pooling == "mean" and p.embed.model.hidden_size == 384
+    q = plan(EmbedJobConfig(text_kind="query", task="find answers"))
+    assert q.tokenize.prompt == "Instruct: find answers\nQuery: {text}"
+    assert plan(EmbedJobConfig()).tokenize.prompt is None  # documents unprompted
