@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 logger = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "jsonl", "csv", "hf")
+SOURCE_COLUMN = "_source"
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
@@ -144,22 +145,39 @@ def read_files_with_row_ids(batch: dict[str, np.ndarray], *, fmt: str, root: str
             if id_column:
                 ids = pa.array([f"{rel}:{offset + i}" for i in range(table.num_rows)], pa.string())
                 table = table.append_column(id_column, ids)
+            table = table.append_column(SOURCE_COLUMN, pa.array([rel] * table.num_rows, pa.string()))
             offset += table.num_rows
             yield table
 
 
+def reads_natively(inp: InputFiles, add_ids: bool) -> bool:
+    return not add_ids and inp.format != "hf"
+
+
+def has_source_column(inp: InputFiles, add_ids: bool) -> bool:
+    """Whether read_input's rows carry ``_source``: not when Ray's file column would clash with a user "path"."""
+    return not (reads_natively(inp, add_ids) and "path" in inp.schema.names)
+
+
 def read_input(inp: InputFiles, *, add_ids: bool, id_column: str, columns: list[str] | None, num_cpus: float):
-    """The Ray Dataset of the input rows. ``columns`` prunes what Parquet reads (None: all)."""
+    """The Ray Dataset of the input rows, plus a ``_source`` column (each row's file) for the id registry.
+
+    ``columns`` prunes what Parquet reads (None: all).
+    """
     import ray.data
 
-    if not add_ids and inp.format != "hf":
-        args = {"num_cpus": num_cpus}
+    if reads_natively(inp, add_ids):
+        # Ray's readers name the file column "path"; renamed so it cannot clash with a user column of that name.
+        args = {"num_cpus": num_cpus, "include_paths": has_source_column(inp, add_ids)}
         if inp.format == "parquet":
             ds = ray.data.read_parquet(list(inp.files), **args)
-            return ds.select_columns(columns) if columns else ds  # Ray pushes the projection into the read
-        if inp.format == "csv":
-            return ray.data.read_csv(list(inp.files), **args)
-        return ray.data.read_json(list(inp.files), lines=True, **args)
+            if columns:  # Ray pushes the projection into the read
+                ds = ds.select_columns(columns + (["path"] if args["include_paths"] else []))
+        elif inp.format == "csv":
+            ds = ray.data.read_csv(list(inp.files), **args)
+        else:
+            ds = ray.data.read_json(list(inp.files), lines=True, **args)
+        return ds.rename_columns({"path": SOURCE_COLUMN}) if args["include_paths"] else ds
     ds = ray.data.from_items([{"path": f} for f in inp.files], override_num_blocks=len(inp.files))
     return ds.map_batches(
         read_files_with_row_ids,

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Literal
 
 from operators.embed import EmbedConfig, Embedder
-from operators.io import InputError, InputFiles, check_columns, read_input, resolve_input
+from operators.io import (
+    SOURCE_COLUMN,
+    InputError,
+    InputFiles,
+    check_columns,
+    has_source_column,
+    read_input,
+    resolve_input,
+)
 from operators.model import inspect_model, weights_sha256
 from operators.sink import EmbeddingSink
 from operators.tokenize import TokenizeConfig, Tokenizer
@@ -154,7 +162,12 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None) -> EmbedP
             num_gpus=num_gpus,
             num_cpus=job.embed_num_cpus if job.embed_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
         )
-        validate = ValidateConfig(id_column=job.id_column, text_column=job.text_column, dedupe_ids=job.dedupe_ids)
+        validate = ValidateConfig(
+            id_column=job.id_column,
+            text_column=job.text_column,
+            dedupe_ids=job.dedupe_ids,
+            source_column=SOURCE_COLUMN if has_source_column(inp, job.add_ids) else None,
+        )
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
     return EmbedPlan(job, inp, job.output or f"{defaults.DEFAULT_OUTPUT}/embed", validate, tokenize, embed)

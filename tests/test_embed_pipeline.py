@@ -158,3 +158,38 @@ def test_existing_output_is_not_overwritten(tiny_bert, tmp_path, capsys):
     (out / "keep.txt").write_text("precious")
     assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert]) == EXIT_BAD_CONFIG
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
+
+
+def test_id_claims_survive_a_retried_batch(ray_local):
+    """A batch re-run after a worker died claims its ids again as the same owner: no self-duplicates.
+    The same ids from another file, or twice in one batch, are duplicates."""
+    import ray
+
+    from operators.io import SOURCE_COLUMN
+    from operators.validate import IdRegistry, ValidateConfig, validate_rows
+
+    cfg = ValidateConfig(source_column=SOURCE_COLUMN, id_shards=2)
+    registry = [ray.remote(num_cpus=0)(IdRegistry).remote() for _ in range(2)]
+
+    def batch(src, ids):
+        return {"id": np.array(ids, dtype=object), "text": np.array(["t"] * len(ids), dtype=object),
+                SOURCE_COLUMN: np.array([src] * len(ids), dtype=object)}  # fmt: skip
+
+    first = validate_rows(batch("a.parquet", ["x", "y", "x"]), cfg=cfg, registry=registry)
+    assert first["_reject"].tolist() == ["", "", "id_duplicate"] and SOURCE_COLUMN not in first
+    retry = validate_rows(batch("a.parquet", ["x", "y", "x"]), cfg=cfg, registry=registry)
+    assert retry["_reject"].tolist() == ["", "", "id_duplicate"]
+    other = validate_rows(batch("b.parquet", ["x", "y", "x"]), cfg=cfg, registry=registry)
+    assert other["_reject"].tolist() == ["id_duplicate"] * 3
+
+
+def test_duplicated_input_file_is_rejected_as_duplicates(ray_local, tiny_bert, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = [{"id": i, "text": "the python list"} for i in range(5)]
+    _write_jsonl(src / "a.jsonl", rows)
+    _write_jsonl(src / "copy-of-a.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "32"]) == 0
+    assert sorted(_read_output(out).column("id").to_pylist()) == list(range(5))
+    assert [r["reason"] for r in _read_rejects(out)] == ["id_duplicate"] * 5
