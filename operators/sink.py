@@ -78,7 +78,7 @@ class EmbeddingSink(Datasink):
         id_column: str,
         vector_columns: tuple[str, ...],
         keep_columns: tuple[str, ...] = (),
-        rows_per_file: int = 200_000,
+        rows_per_file: int = 100_000,
         filesystem: pafs.FileSystem | None = None,
     ):
         self.path = path.rstrip("/")

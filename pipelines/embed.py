@@ -84,14 +84,16 @@ class EmbedJobConfig:
     tokenizer_num_cpus: float = 0.25
     io_num_cpus: float = 0.25
     dedupe_ids: bool = True
-    rows_per_file: int = 200_000
+    # Rows per output file; default: ~128 MB of vectors per file (e.g. 87k rows of 384 float32), so files are
+    # neither tiny nor held in memory for long before they are written.
+    rows_per_file: int | None = None
     overwrite: bool = False
     address: str | None = None
 
     def __post_init__(self):
         if self.text_kind not in ("document", "query"):
             raise ValueError(f"text_kind must be one of ['document', 'query'], got {self.text_kind!r}")
-        if self.rows_per_file < 1:
+        if self.rows_per_file is not None and self.rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         if self.io_num_cpus <= 0:
             raise ValueError(f"io_num_cpus must be > 0, got {self.io_num_cpus}")
@@ -173,6 +175,16 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None) -> EmbedP
     return EmbedPlan(job, inp, job.output or f"{defaults.DEFAULT_OUTPUT}/embed", validate, tokenize, embed)
 
 
+TARGET_FILE_BYTES = 128 * 2**20
+
+
+def rows_per_file(embed: EmbedConfig) -> int:
+    """Rows that make ~TARGET_FILE_BYTES of vectors (before compression, which does little on float vectors)."""
+    width = 2 if embed.output_dtype == "float16" else 4
+    row_bytes = width * sum(embed.dims or (embed.model.hidden_size,)) + 64  # + id and Parquet overhead
+    return max(1000, TARGET_FILE_BYTES // row_bytes)
+
+
 def prepare_output(path: str, overwrite: bool) -> None:
     p = Path(path)
     if p.exists() and any(p.iterdir()):
@@ -247,7 +259,7 @@ def run(job: EmbedJobConfig) -> dict:
             id_column=job.id_column,
             vector_columns=p.embed.columns,
             keep_columns=keep,
-            rows_per_file=job.rows_per_file,
+            rows_per_file=job.rows_per_file or rows_per_file(p.embed),
         )
         ds, _registry = build_dataset(p)
         t_pipe = time.perf_counter()

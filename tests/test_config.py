@@ -66,3 +66,12 @@ def test_plan_takes_sentence_transformers_settings_of_the_default_model(default_
     q = plan(EmbedJobConfig(text_kind="query", task="find answers"))
     assert q.tokenize.prompt == "Instruct: find answers\nQuery: {text}"
     assert plan(EmbedJobConfig()).tokenize.prompt is None  # documents unprompted
+
+
+def test_rows_per_file_targets_128mb_of_vectors(tiny_bert):
+    from pipelines.embed import plan, rows_per_file
+
+    p = plan(EmbedJobConfig(model=tiny_bert, max_length=32))
+    assert rows_per_file(p.embed) == 128 * 2**20 // (4 * 32 + 64)
+    p16 = plan(EmbedJobConfig(model=tiny_bert, max_length=32, dims=(32, 8), dtype="float16"))
+    assert rows_per_file(p16.embed) == 128 * 2**20 // (2 * 40 + 64)

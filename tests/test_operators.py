@@ -42,8 +42,11 @@ def test_reject_reasons():
 
 def test_id_registry_keeps_first_claim_and_types_ids():
     reg = IdRegistry()
-    assert reg.claim([id_key("a"), id_key("b"), id_key("a")]).tolist() == [True, True, False]
-    assert reg.claim([id_key("b"), id_key(1), id_key("1")]).tolist() == [False, True, True]
+    assert reg.claim([id_key("a"), id_key("b"), id_key("a")], [b"r1", b"r2", b"r3"]).tolist() == [True, True, False]
+    assert reg.claim([id_key("b"), id_key(1), id_key("1")], [b"r4", b"r5", b"r6"]).tolist() == [False, True, True]
+    # the same row claiming again (a retried batch) still owns its id
+    assert reg.claim([id_key("a"), id_key("b")], [b"r1", b"r2"]).tolist() == [True, True]
+    assert reg.size() == 4
 
 
 def test_prompt_forms():
