@@ -97,9 +97,10 @@ class Embedder:
                 "this replica was given a GPU by Ray but torch sees no CUDA device (device='cpu' forces CPU)"
             )
         self.device = "cuda" if use_cuda else "cpu"
+        self.threads = None
         if not use_cuda:
-            threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.replicas)
-            torch.set_num_threads(threads)
+            self.threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.replicas)
+            torch.set_num_threads(self.threads)
         self.model = load_model(
             cfg.model,
             device=self.device,
@@ -131,6 +132,10 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
+        if self.threads and self.torch.get_num_threads() != self.threads:
+            # OpenMP thread counts are per calling thread: Ray Data calls the UDF from another thread than
+            # __init__, where Ray's OMP_NUM_THREADS=1 for fractional-CPU actors would leave one core busy.
+            self.torch.set_num_threads(self.threads)
         reasons = batch[REJECT_COLUMN].copy()
         n = len(reasons)
         pooled = np.zeros((n, cfg.model.hidden_size), dtype=np.float32)

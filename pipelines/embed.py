@@ -75,7 +75,7 @@ class EmbedJobConfig:
     # at 2048 tokens vs 58 at 16384).
     max_tokens: int | None = None
     max_rows: int | None = None
-    batch_size: int | None = None  # rows per actor call, length-sorted within; default 8192 on GPU, 1024 on CPU
+    batch_size: int | None = None  # rows per actor call, length-sorted within; default 8192 on GPU, 4096 on CPU
     # Logical CPUs per model replica; default 1 on GPU, 0.5 on CPU. Ray Data's file listing and read tasks ask for
     # a whole CPU each: a CPU replica holding a full one (plus the tokenizer's share) on a 2-core node starves them
     # and the job hangs. The replica's torch threads are set separately (EmbedConfig.torch_threads).
@@ -133,9 +133,16 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None) -> EmbedP
         if num_gpus is None:
             num_gpus = 1.0 if (gpus_in_cluster or 0) > 0 else 0.0
         replicas = job.replicas
+        if num_gpus > 0 and gpus_in_cluster == 0 and replicas is None:
+            # Ray would wait forever for a GPU actor. An autoscaling cluster that adds GPU nodes on demand is the
+            # one case to wait, and the user says so by fixing the replica count.
+            raise ValueError(
+                f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0 to run on "
+                "CPU, or set --replicas if GPU nodes will be added by the autoscaler"
+            )
         if replicas is None:
             replicas = max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1
-        batch_size = job.batch_size or (8192 if num_gpus > 0 else 1024)
+        batch_size = job.batch_size or (8192 if num_gpus > 0 else 4096)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(
             model=info,

@@ -53,7 +53,7 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     assert (cpu.embed.num_gpus, cpu.embed.replicas, cpu.embed.max_tokens, cpu.embed.num_cpus) == (0, 1, 2048, 0.5)
     gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=4)
     assert (gpu.embed.num_gpus, gpu.embed.replicas, gpu.embed.max_tokens, gpu.embed.num_cpus) == (0.5, 8, 65536, 1.0)
-    assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192
+    assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192 and cpu.embed.batch_size == 4096
     auto = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
     assert (auto.embed.num_gpus, auto.embed.replicas) == (1.0, 2)
 
@@ -75,3 +75,16 @@ def test_rows_per_file_targets_128mb_of_vectors(tiny_bert):
     assert rows_per_file(p.embed) == 128 * 2**20 // (4 * 32 + 64)
     p16 = plan(EmbedJobConfig(model=tiny_bert, max_length=32, dims=(32, 8), dtype="float16"))
     assert rows_per_file(p16.embed) == 128 * 2**20 // (2 * 40 + 64)
+
+
+def test_gpus_asked_on_a_cluster_without_gpus_fails_instead_of_hanging(tiny_bert):
+    from pipelines.config import ConfigError
+    from pipelines.embed import plan
+
+    with pytest.raises(ConfigError, match=r"num_gpus=1(\.0)? per replica, but the Ray cluster has no GPUs"):
+        plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=1), gpus_in_cluster=0)
+    # an autoscaling cluster: the user fixes the replica count and the job waits for GPU nodes
+    assert (
+        plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=1, replicas=2), gpus_in_cluster=0).embed.replicas
+        == 2
+    )

@@ -71,6 +71,26 @@ def run_embedder(emb: Embedder, batch: dict, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: float, **cfg) -> list[dict]:
+    """Embedder throughput over token budgets: rows/s, tokens/s (real tokens), model TFLOP/s and MFU."""
+    lengths = batch["num_tokens"].astype(np.int64)
+    results = []
+    for mt in budgets:
+        emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, max_tokens=mt,
+                                   max_rows=2048, batch_size=8192, **cfg))  # fmt: skip
+        run_embedder(emb, {k: v[:1024] for k, v in batch.items()}, dev)  # warm-up
+        dt = run_embedder(emb, batch, dev)
+        fl = model_flops(emb.model, lengths)
+        r = {"max_tokens": mt, "rows_per_s": round(len(lengths) / dt, 1), "tokens_per_s": round(lengths.sum() / dt),
+             "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4)}  # fmt: skip
+        results.append(r)
+        print(name, r, flush=True)
+        del emb
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def tokenized(info, texts, max_length):
     tok = Tokenizer(TokenizeConfig(model=info, max_length=max_length))
     b = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=ValidateConfig(),
@@ -122,23 +142,12 @@ def main():
     res["tokenizer_rows_per_s_one_process"] = round(len(all_texts) / tok_s, 1)
     lengths = b["num_tokens"].astype(np.int64)
     budgets = [16384] if args.quick else [8192, 16384, 32768, 65536]
-    res["minilm_bf16"] = []
-    for mt in budgets:
-        emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, max_tokens=mt,
-                                   max_rows=2048, batch_size=8192))  # fmt: skip
-        run_embedder(emb, {k: v[:2048] for k, v in b.items()}, dev)  # warm-up
-        dt = run_embedder(emb, b, dev)
-        fl = model_flops(emb.model, lengths)
-        r = {"max_tokens": mt, "rows_per_s": round(len(lengths) / dt, 1), "tokens_per_s": round(lengths.sum() / dt),
-             "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4)}  # fmt: skip
-        res["minilm_bf16"].append(r)
-        print("minilm", r, flush=True)
-        del emb
+    res["minilm_bf16"] = sweep("minilm", info, b, budgets, dev, peak)
 
     # 3b. Qwen2-0.5B-shaped random model, bidirectional, bf16
     from transformers import Qwen2Config, Qwen2Model
 
-    qdir = Path("/tmp/qwen2-05b-random")
+    qdir = Path("/tmp/qwen2-tiny-random" if args.quick else "/tmp/qwen2-05b-random")
     if not qdir.exists():
         cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)  # fmt: skip
@@ -149,7 +158,7 @@ def main():
     qinfo = inspect_model(str(qdir))
     # Token lengths of the real corpus under a Qwen-like tokenizer are close to WordPiece's; reuse, cap at 512.
     rng = np.random.default_rng(0)
-    vocab = qinfo.hidden_size and (151936 if not args.quick else 1000)
+    vocab = 1000 if args.quick else 151936
     qlen = np.minimum(lengths, 512)
     ids = np.empty(len(qlen), dtype=object)
     for i, n in enumerate(qlen):
@@ -157,21 +166,7 @@ def main():
     qb = {"input_ids": ids, "num_tokens": qlen.astype(np.int32), "_reject": np.full(len(qlen), "", dtype=object)}
     if not args.quick:
         qb = {k: v[: 3 * len(texts)] for k, v in qb.items()}
-        qlen = qlen[: 3 * len(texts)]
-    res["qwen2_05b_bf16_bidirectional"] = []
-    for mt in budgets:
-        emb = Embedder(EmbedConfig(model=qinfo, device=dev, num_gpus=1 if dev == "cuda" else 0, max_tokens=mt,
-                                   max_rows=2048, batch_size=8192, bidirectional=True))  # fmt: skip
-        run_embedder(emb, {k: v[:1024] for k, v in qb.items()}, dev)
-        dt = run_embedder(emb, qb, dev)
-        fl = model_flops(emb.model, qlen)
-        r = {"max_tokens": mt, "rows_per_s": round(len(qlen) / dt, 1), "tokens_per_s": round(qlen.sum() / dt),
-             "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4)}  # fmt: skip
-        res["qwen2_05b_bf16_bidirectional"].append(r)
-        print("qwen2-0.5b", r, flush=True)
-        del emb
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+    res["qwen2_05b_bf16_bidirectional"] = sweep("qwen2-0.5b", qinfo, qb, budgets, dev, peak, bidirectional=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
