@@ -127,7 +127,7 @@ def main():
     st = SentenceTransformer(args.minilm, device=dev).float()  # fp32 reference (the carried weights are fp16)
     ref = st.encode(sample, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     b, _ = tokenized(info, sample, 256)
-    for cdt in ("float32", "bfloat16"):
+    for cdt in ("float32", "bfloat16", "float16"):
         emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, compute_dtype=cdt))
         got = emb(dict(b))["embedding"]
         cos = (got * ref).sum(1)
