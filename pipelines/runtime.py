@@ -28,13 +28,12 @@ def ray_session(address: str | None = None):
         return
     t0 = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address,
-        runtime_env={"env_vars": WORKER_ENV},
-        include_dashboard=False if not address else None,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    if address:
+        # A cluster (or a Ray job's driver) keeps the runtime_env it was given; the operators load with
+        # local_files_only, so no hub is reached whatever the workers' environment says.
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(runtime_env={"env_vars": WORKER_ENV}, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield time.perf_counter() - t0
     finally:

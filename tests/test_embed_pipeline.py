@@ -193,3 +193,15 @@ def test_duplicated_input_file_is_rejected_as_duplicates(ray_local, tiny_bert, t
     assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "32"]) == 0
     assert sorted(_read_output(out).column("id").to_pylist()) == list(range(5))
     assert [r["reason"] for r in _read_rejects(out)] == ["id_duplicate"] * 5
+
+
+def test_non_string_texts_are_rejected_not_crashing(ray_local, tiny_bert, tmp_path):
+    src = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": [1, 2, None]}), src)
+    out = tmp_path / "out"
+    assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "32"]) == 0
+    assert _read_output(out) is None  # nothing valid to write
+    assert sorted((r["id"], r["reason"]) for r in _read_rejects(out)) == [
+        ("a", "text_not_string"), ("b", "text_not_string"), ("c", "text_null")]  # fmt: skip
+    c = json.loads((out / "_manifest.json").read_text())["counts"]
+    assert (c["rows_in"], c["rows_out"], c["rows_rejected"]) == (3, 0, 3)
