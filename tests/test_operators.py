@@ -175,3 +175,43 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_bert):
     with pytest.raises(ValueError, match="only pickle weights.*--allow-pickle"):
         inspect_model(str(d))
     assert inspect_model(str(d), allow_pickle=True).weight_files == ("pytorch_model.bin",)
+
+
+def _tiny_decoder(kind: str, path) -> str:
+    from transformers import AutoModel, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    cfg = {
+        "qwen2": lambda: Qwen2Config(**common),
+        "llama": lambda: LlamaConfig(**common),
+        # sliding window shorter than the test sequences, so the window matters
+        "gemma3": lambda: Gemma3TextConfig(
+            **common, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+        ),  # fmt: skip
+    }[kind]()
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "gemma3"])
+def test_decoder_families_bidirectional_and_padding(kind, tmp_path):
+    """Qwen2, Llama, Gemma 3 decoders: bidirectional reaches the first token; padding does not change vectors."""
+    info = inspect_model(_tiny_decoder(kind, tmp_path / kind))
+    a, b = [5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 200]
+    causal = load_model(info, device="cpu")
+    assert torch.allclose(_first_token_state(causal, a), _first_token_state(causal, b), atol=1e-6)
+    bidi = load_model(info, device="cpu", bidirectional=True)
+    assert not torch.allclose(_first_token_state(bidi, a), _first_token_state(bidi, b), atol=1e-4)
+    seqs = [np.array(s, dtype=np.int32) for s in ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [20])]
+    batch = {"input_ids": np.array(seqs + [np.zeros(0, np.int32)], dtype=object)[:3],  # ragged, as Ray hands it
+             "num_tokens": np.array([len(s) for s in seqs], dtype=np.int32),
+             REJECT_COLUMN: np.array(["", "", ""], dtype=object)}  # fmt: skip
+    emb = Embedder(EmbedConfig(model=info, bidirectional=True))
+    got = emb(batch)["embedding"]  # one padded forward
+    for row, s in enumerate(seqs):
+        with torch.no_grad():
+            h = bidi(input_ids=torch.tensor([s.tolist()]), attention_mask=torch.ones(1, len(s))).last_hidden_state[0]
+        want = h.mean(0).numpy()
+        np.testing.assert_allclose(got[row], want / np.linalg.norm(want), atol=1e-5)
