@@ -83,6 +83,9 @@ class EmbedJobConfig:
     tokenizer_replicas: int | None = None  # default: one per model replica (one tokenizer feeds ~29k rows/s)
     tokenizer_num_cpus: float = 0.25
     io_num_cpus: float = 0.25
+    # Target block size in MB. Ray Data's default (128 MB) packs ~250k texts in a block, and a block is the unit
+    # handed to one model replica: a corpus of a few blocks would then keep most GPUs idle and nothing would stream.
+    block_mb: float = 8.0
     dedupe_ids: bool = True
     # Rows per output file; default: ~128 MB of vectors per file (e.g. 87k rows of 384 float32), so files are
     # neither tiny nor held in memory for long before they are written.
@@ -95,6 +98,8 @@ class EmbedJobConfig:
             raise ValueError(f"text_kind must be one of ['document', 'query'], got {self.text_kind!r}")
         if self.rows_per_file is not None and self.rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        if self.block_mb <= 0:
+            raise ValueError(f"block_mb must be > 0, got {self.block_mb}")
         if self.io_num_cpus <= 0:
             raise ValueError(f"io_num_cpus must be > 0, got {self.io_num_cpus}")
 
@@ -214,9 +219,10 @@ def versions() -> dict[str, str]:
 def build_dataset(p: EmbedPlan):
     """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext
 
     job, inp = p.job, p.input
+    DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
     registry = None
     if p.validate.dedupe_ids:
         shard = ray.remote(num_cpus=0)(IdRegistry)

@@ -205,3 +205,16 @@ def test_non_string_texts_are_rejected_not_crashing(ray_local, tiny_bert, tmp_pa
         ("a", "text_not_string"), ("b", "text_not_string"), ("c", "text_null")]  # fmt: skip
     c = json.loads((out / "_manifest.json").read_text())["counts"]
     assert (c["rows_in"], c["rows_out"], c["rows_rejected"]) == (3, 0, 3)
+
+
+def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path):
+    """Ray's default 128 MB blocks would hand this whole input to one replica as one task; block_mb splits it."""
+    from pipelines.embed import EmbedJobConfig, build_dataset, plan
+
+    for f in range(2):
+        ids = [f"{f}-{i}" for i in range(3000)]
+        pq.write_table(pa.table({"id": ids, "text": ["the python list of data"] * 3000}), tmp_path / f"{f}.parquet")
+    job = EmbedJobConfig(input=str(tmp_path), model=tiny_bert, max_length=32, block_mb=0.125, batch_size=1000)
+    ds, _registry = build_dataset(plan(job, gpus_in_cluster=0))
+    sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None)]
+    assert sum(sizes) == 6000 and len(sizes) >= 6
