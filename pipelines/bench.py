@@ -52,51 +52,40 @@ def bench_sentence_transformers(model: str, texts: list[str], batch_size: int) -
 
 
 def bench_raw_forward(model: str, texts: list[str]) -> dict:
-    from operators.embed import EmbedConfig, Embedder
-    from operators.model import inspect_model
-    from operators.tokenize import TokenizeConfig, Tokenizer
-    from operators.validate import ValidateConfig, validate_rows
+    from operators.embed import Embedder
+    from operators.tokenize import Tokenizer
+    from operators.validate import validate_rows
     from pipelines.embed import EmbedJobConfig, plan
 
-    # The same resolved settings the pipeline uses (max length, pooling, CPU token budget).
-    p = plan(EmbedJobConfig(model=model))
-    info = inspect_model(model)
-    tok = Tokenizer(TokenizeConfig(model=info, max_length=p.tokenize.max_length))
-    emb = Embedder(EmbedConfig(model=info, pooling=p.embed.pooling, max_tokens=p.embed.max_tokens,
-                               max_rows=p.embed.max_rows))  # fmt: skip
+    # The operators exactly as the pipeline configures them on CPU (max length, pooling, token budget, batch size).
+    p = plan(EmbedJobConfig(model=model), gpus_in_cluster=0)
+    tok, emb = Tokenizer(p.tokenize), Embedder(p.embed)
     batch = {"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
-    emb(tok(validate_rows({k: v[:64] for k, v in batch.items()}, cfg=ValidateConfig(), registry=None)))  # warm-up
+
+    def run_batch(rows: slice) -> int:
+        b = tok(validate_rows({k: v[rows] for k, v in batch.items()}, cfg=p.validate, registry=None))
+        emb(b)
+        return int(b["num_tokens"].sum())
+
+    run_batch(slice(0, 64))  # warm-up
     t0 = time.perf_counter()
-    tokens = 0
-    for s in range(0, len(texts), p.embed.batch_size):
-        b = validate_rows({k: v[s : s + p.embed.batch_size] for k, v in batch.items()}, cfg=ValidateConfig(),
-                          registry=None)  # fmt: skip
-        t = tok(b)
-        tokens += int(t["num_tokens"].sum())
-        emb(t)
+    tokens = sum(run_batch(slice(s, s + p.embed.batch_size)) for s in range(0, len(texts), p.embed.batch_size))
     dt = time.perf_counter() - t0
     return {"rows": len(texts), "seconds": round(dt, 3), "rows_per_s": round(len(texts) / dt, 2),
             "tokens_per_s": round(tokens / dt, 1)}  # fmt: skip
 
 
 def bench_pipeline(model: str, texts: list[str], repeat: int, workdir: Path) -> dict:
-    import ray
-
     from pipelines.embed import EmbedJobConfig, run
-    from pipelines.runtime import WORKER_ENV
+    from pipelines.runtime import ray_session
 
     small = _write_copies(texts, 1, workdir / "in-1")
     large = _write_copies(texts, 1 + repeat, workdir / f"in-{1 + repeat}")
-    t0 = time.perf_counter()
-    ray.init(include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
-    ray_start = time.perf_counter() - t0
-    try:
-        runs = {}
+    runs = {}
+    with ray_session() as ray_start:  # the local Ray a `kalm embed` run starts, shared by both runs
         for name, src in (("small", small), ("large", large)):
             m = run(EmbedJobConfig(input=src, output=str(workdir / f"out-{name}"), model=model, overwrite=True))
             runs[name] = {"rows": m["counts"]["rows_out"], "seconds": m["timings_s"]["pipeline"]}
-    finally:
-        ray.shutdown()
     extra_rows = runs["large"]["rows"] - runs["small"]["rows"]
     extra_s = runs["large"]["seconds"] - runs["small"]["seconds"]
     return {

@@ -121,12 +121,14 @@ def prompt_for(job: EmbedJobConfig) -> str | None:
     return template.replace("{task}", job.task) if template else None
 
 
-def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None) -> EmbedPlan:
-    """Resolve defaults and check everything that can be checked without Ray: paths, columns, model, ranges."""
+def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: InputFiles | None = None) -> EmbedPlan:
+    """Resolve defaults and check everything that can be checked without Ray: paths, columns, model, ranges.
+
+    ``inp``: the input already resolved by an earlier plan of the same job, so files are not listed twice.
+    """
     try:
         info = inspect_model(job.model or defaults.default_student(), allow_pickle=job.allow_pickle)
-        input_path = job.input or str(defaults.SAMPLE_CORPUS)
-        inp = resolve_input(input_path, job.format)
+        inp = inp or resolve_input(job.input or str(defaults.SAMPLE_CORPUS), job.format)
         check_columns(
             inp,
             id_column=job.id_column,
@@ -265,7 +267,7 @@ def run(job: EmbedJobConfig) -> dict:
     prepare_output(p.output, job.overwrite)
     weights_hash = weights_sha256(p.embed.model)
     with ray_session(job.address) as ray_start_s:
-        p = plan(job, gpus_in_cluster=cluster_gpus())
+        p = plan(job, gpus_in_cluster=cluster_gpus(), inp=p.input)
         keep = tuple(c for c in job.keep_columns if c != job.id_column)
         sink = EmbeddingSink(
             str(Path(p.output).resolve()),
