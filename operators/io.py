@@ -1,32 +1,44 @@
-"""Input resolution and reading: Parquet, JSONL, CSV (a file, a folder or a glob) or a `datasets` save_to_disk folder.
+"""Input resolution and reading: Parquet, JSONL, CSV (a file, a folder or a glob) or a `datasets` save_to_disk
+folder, on a local disk or in object storage (``s3://...``; see ``operators.storage``).
 
 ``resolve_input`` runs on the driver before Ray starts: it lists the files, detects the format and reads the
-first file's schema, so a wrong path or a missing column fails at once, naming what was found. ``read_input``
-builds the Ray Dataset: Ray Data's own readers for Parquet/JSONL/CSV; a per-file streaming reader where Ray has
-none (the Arrow stream files of ``save_to_disk``) or where row positions are needed (``add_ids``: Ray's readers
-do not expose a row's position in its file).
+first file's schema, so a wrong path, a missing bucket or a missing column fails at once, naming what was found.
+``read_input`` builds the Ray Dataset with one streaming read task per file, through a Ray Data ``Datasource``.
+It is this project's own reader rather than Ray's ``read_parquet``/``read_json`` because exactly-once output
+needs what those do not expose:
+each row's file and position in it (``_source``, ``_row``), rows already committed dropped at the read, and a
+record when a file has been read to its end (``operators.ledger``). Each file streams in batches of 8192 rows.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import logging
-import os
+import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from operators import ledger
+from operators.storage import StorageConfig, StorageError, check_bucket, list_files, resolve, storage_error
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "jsonl", "csv", "hf")
-SOURCE_COLUMN = "_source"
+SOURCE_COLUMN = "_source"  # the row's input file, relative to the input root
+ROW_COLUMN = "_row"  # the row's position in that file
+RESERVED = (SOURCE_COLUMN, ROW_COLUMN)
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+READ_BATCH_ROWS = 8192
+MAX_READ_TASKS = 20_000  # one task per file up to this; beyond, files are grouped (task overhead ~ms each)
 
 
 class InputError(ValueError):
@@ -35,76 +47,109 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputFiles:
+    uri: str
     format: str
-    root: str  # ids made by add_ids are relative to this folder, so they survive moving the data
-    files: tuple[str, ...]
+    fs: pafs.FileSystem
+    root: str  # sources (and ids made by add_ids) are relative to this folder, so they survive moving the data
+    files: tuple[str, ...]  # paths inside fs
     schema: pa.Schema  # of the first file
 
-
-def _hf_files(folder: Path) -> list[str]:
-    state = json.loads((folder / "state.json").read_text())
-    return [str(folder / f["filename"]) for f in state["_data_files"]]
+    def source(self, path: str) -> str:
+        return posixpath.relpath(path, self.root)
 
 
 def _format_of(path: str) -> str | None:
-    return EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    return EXTENSIONS.get(posixpath.splitext(path)[1].lower())
 
 
-def _first_schema(fmt: str, path: str) -> pa.Schema:
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _open_hf(fs: pafs.FileSystem, path: str):
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pa.memory_map(path)
+    return fs.open_input_file(path)
+
+
+def _first_schema(fs: pafs.FileSystem, fmt: str, path: str) -> pa.Schema:
     try:
         if fmt == "parquet":
-            return pq.read_schema(path)
+            return pq.read_schema(path, filesystem=fs)
         if fmt == "hf":
-            with pa.memory_map(path) as source:
+            with _open_hf(fs, path) as source:
                 return pa.ipc.open_stream(source).schema
-        with open(path, "rb") as f:
+        with fs.open_input_stream(path) as f:
             head = f.read(1 << 20)
+        head = head[: head.rfind(b"\n") + 1] or head
         if fmt == "jsonl":
-            head = head[: head.rfind(b"\n") + 1] or head
             return pajson.read_json(pa.BufferReader(head)).schema
-        return pacsv.read_csv(pa.BufferReader(head[: head.rfind(b"\n") + 1] or head)).schema
-    except (pa.ArrowInvalid, OSError, ValueError) as e:
+        return pacsv.read_csv(pa.BufferReader(head)).schema
+    except FileNotFoundError as e:
+        raise InputError(f"cannot read {path!r}: not found") from e
+    except (pa.ArrowInvalid, ValueError) as e:
         raise InputError(f"cannot read {path!r} as {fmt}: {e}") from e
 
 
-def resolve_input(path: str, fmt: str | None = None) -> InputFiles:
+def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
+    first = min((pattern.find(c) for c in "*?[" if c in pattern), default=-1)
+    if first < 0:
+        return []
+    base = posixpath.dirname(pattern[:first]) or "/"
+    return [p for p in list_files(fs, base) if fnmatch.fnmatchcase(p, pattern)]
+
+
+def resolve_input(uri: str, fmt: str | None = None, storage: StorageConfig | None = None) -> InputFiles:
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"format must be one of {FORMATS}, got {fmt!r}")
-    p = Path(path)
-    if p.is_dir() and (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
-        files, root, fmt = _hf_files(p), str(p), "hf"
-    elif p.is_dir():
-        found = sorted(
-            str(f) for f in p.rglob("*") if f.is_file() and _format_of(str(f)) and not f.name.startswith((".", "_"))
-        )
-        formats = {_format_of(f) for f in found}
-        if fmt is None and len(formats) > 1:
-            raise InputError(f"folder {path!r} mixes formats {sorted(formats)}; pass --format")
-        fmt = fmt or next(iter(formats), None)
-        files, root = [f for f in found if _format_of(f) == fmt], str(p)
-    elif p.is_file():
-        files, root = [str(p)], str(p.parent)
-        fmt = fmt or _format_of(str(p))
-    else:
-        files = sorted(glob.glob(path, recursive=True))
-        root = (
-            str(Path(os.path.commonpath(files)).parent if len(files) == 1 else os.path.commonpath(files))
-            if files
-            else ""
-        )
-        fmt = fmt or (_format_of(files[0]) if files else None)
+    fs, path = resolve(uri, storage)
+    try:
+        check_bucket(fs, uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory and all(
+            fs.get_file_info(posixpath.join(path, f)).type == pafs.FileType.File
+            for f in ("state.json", "dataset_info.json")
+        ):
+            with fs.open_input_stream(posixpath.join(path, "state.json")) as f:
+                state = json.loads(f.read())
+            files, root, fmt = [posixpath.join(path, d["filename"]) for d in state["_data_files"]], path, "hf"
+        elif info.type == pafs.FileType.Directory:
+            found = [f for f in list_files(fs, path) if _format_of(f) and not _hidden(posixpath.relpath(f, path))]
+            formats = {_format_of(f) for f in found}
+            if fmt is None and len(formats) > 1:
+                raise InputError(f"folder {uri!r} mixes formats {sorted(formats)}; pass --format")
+            fmt = fmt or next(iter(formats), None)
+            files, root = [f for f in found if _format_of(f) == fmt], path
+        elif info.type == pafs.FileType.File:
+            files, root = [path], posixpath.dirname(path)
+            fmt = fmt or _format_of(path)
+        else:
+            files = _glob(fs, path)
+            root = posixpath.commonpath(files) if len(files) > 1 else posixpath.dirname(files[0]) if files else ""
+            if len(files) > 1 and root in files:  # pragma: no cover - a file cannot be a prefix of another
+                root = posixpath.dirname(root)
+            fmt = fmt or (_format_of(files[0]) if files else None)
+    except (StorageError, InputError):
+        raise
+    except OSError as e:
+        raise storage_error(e, uri) from e
     if not files:
-        raise InputError(
-            f"no input files found at {path!r} (looked for {sorted(EXTENSIONS)} or a save_to_disk folder)"
-        )
+        raise InputError(f"no input files found at {uri!r} (looked for {sorted(EXTENSIONS)} or a save_to_disk folder)")
     if fmt is None:
         raise InputError(f"cannot tell the format of {files[0]!r} from its name; pass --format ({FORMATS})")
-    return InputFiles(format=fmt, root=root, files=tuple(files), schema=_first_schema(fmt, files[0]))
+    try:
+        schema = _first_schema(fs, fmt, files[0])
+    except OSError as e:
+        raise storage_error(e, uri) from e
+    return InputFiles(uri=uri, format=fmt, fs=fs, root=root, files=tuple(files), schema=schema)
 
 
 def check_columns(inp: InputFiles, *, id_column: str, text_column: str, keep_columns: tuple[str, ...], add_ids: bool):
     """Fail before any work when a needed column is absent from the first file, naming the columns found."""
     found = inp.schema.names
+    clash = [c for c in RESERVED if c in found]
+    if clash:
+        raise InputError(f"{inp.files[0]}: column(s) {clash} are reserved for row provenance; rename them")
     if add_ids and id_column in found:
         raise InputError(f"--add-ids would create id column {id_column!r}, but {inp.files[0]} already has it")
     needed = [text_column, *keep_columns] + ([] if add_ids else [id_column])
@@ -119,69 +164,114 @@ def check_columns(inp: InputFiles, *, id_column: str, text_column: str, keep_col
         raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}{hint}")
 
 
-def _iter_file(fmt: str, path: str, columns: list[str] | None):
+def _iter_file(fs: pafs.FileSystem, fmt: str, path: str, columns: list[str] | None):
     if fmt == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=8192, columns=columns)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+            yield from pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols)
     elif fmt == "hf":
-        with pa.memory_map(path) as source:
+        with _open_hf(fs, path) as source:
             yield from pa.ipc.open_stream(source)
     elif fmt == "csv":
-        yield from pacsv.open_csv(path)
+        with fs.open_input_stream(path) as f:
+            yield from pacsv.open_csv(f)
     else:
-        yield from pajson.read_json(path).to_batches(max_chunksize=8192)
+        with fs.open_input_stream(path) as f:
+            yield from pajson.read_json(f).to_batches(max_chunksize=READ_BATCH_ROWS)
 
 
-def read_files_with_row_ids(batch: dict[str, np.ndarray], *, fmt: str, root: str, id_column: str | None):
-    """Per-file streaming reader (a generator UDF): one input row = one file path, output = that file's rows.
+def read_file(
+    inp: InputFiles,
+    path: str,
+    *,
+    columns: list[str] | None,
+    id_column: str | None,
+    skip: list[list[int]] | None,
+    ledger_fs: pafs.FileSystem | None,
+    ledger_root: str | None,
+):
+    """Stream one input file as Arrow tables with ``_source`` and ``_row`` (a generator).
 
-    With id_column, each row gets the id ``{path relative to root}:{row position in file}``: stable across
-    reruns and machines as long as the files are unchanged.
+    With ``id_column`` (add_ids), each row gets the id ``{source}:{row position}``: stable across reruns and
+    machines as long as the files are unchanged. ``skip``: ranges of row positions already committed (dropped
+    here). At the end of the file its row count is recorded in the ledger.
     """
-    for path in batch["path"]:
-        rel = os.path.relpath(path, root)
-        offset = 0
-        for rb in _iter_file(fmt, path, None):
-            table = pa.Table.from_batches([rb])
-            if id_column:
-                ids = pa.array([f"{rel}:{offset + i}" for i in range(table.num_rows)], pa.string())
-                table = table.append_column(id_column, ids)
-            table = table.append_column(SOURCE_COLUMN, pa.array([rel] * table.num_rows, pa.string()))
-            offset += table.num_rows
+    source = inp.source(path)
+    offset = 0
+    for rb in _iter_file(inp.fs, inp.format, path, columns):
+        table = pa.Table.from_batches([rb])
+        if columns:
+            table = table.select([c for c in columns if c in table.column_names])
+        pos = np.arange(offset, offset + table.num_rows, dtype=np.int64)
+        offset += table.num_rows
+        if id_column:
+            table = table.append_column(id_column, pa.array([f"{source}:{p}" for p in pos], pa.string()))
+        table = table.append_column(SOURCE_COLUMN, pa.array([source] * table.num_rows, pa.string()))
+        table = table.append_column(ROW_COLUMN, pa.array(pos))
+        if skip:
+            table = table.filter(pa.array(~ledger.in_ranges(pos, skip)))
+        if table.num_rows:
             yield table
+    if ledger_fs is not None:
+        ledger.record_source(ledger_fs, ledger_root, source, offset)
 
 
-def reads_natively(inp: InputFiles, add_ids: bool) -> bool:
-    return not add_ids and inp.format != "hf"
+class ProvenanceDatasource(Datasource):
+    """Ray Data datasource over the input files: one read task per file (or per group when there are more files
+    than the requested parallelism), each streaming its file through ``read_file``."""
+
+    def __init__(self, inp: InputFiles, files: list[str], **read_args):
+        super().__init__()
+        self.inp, self.files, self.read_args = inp, files, read_args
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # unknown before reading (JSONL/CSV): Ray then plans by file count
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        groups = np.array_split(np.arange(len(self.files)), max(1, min(parallelism, len(self.files))))
+        tasks = []
+        for group in groups:
+            paths = [self.files[i] for i in group]
+
+            def read(paths=paths):
+                for path in paths:
+                    skip = self.read_args["skip"].get(self.inp.source(path))
+                    yield from read_file(self.inp, path, **{**self.read_args, "skip": skip})
+
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(paths))
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
 
 
-def has_source_column(inp: InputFiles, add_ids: bool) -> bool:
-    """Whether read_input's rows carry ``_source``: not when Ray's file column would clash with a user "path"."""
-    return not (reads_natively(inp, add_ids) and "path" in inp.schema.names)
+def read_input(
+    inp: InputFiles,
+    *,
+    add_ids: bool,
+    id_column: str,
+    columns: list[str] | None,
+    num_cpus: float,
+    complete: set[str] = frozenset(),
+    skip: dict[str, list[list[int]]] | None = None,
+    ledger_fs: pafs.FileSystem | None = None,
+    ledger_root: str | None = None,
+):
+    """The Ray Dataset of the input rows not yet committed, with ``_source`` and ``_row``; None if none are left.
 
-
-def read_input(inp: InputFiles, *, add_ids: bool, id_column: str, columns: list[str] | None, num_cpus: float):
-    """The Ray Dataset of the input rows, plus a ``_source`` column (each row's file) for the id registry.
-
-    ``columns`` prunes what Parquet reads (None: all).
+    ``columns`` prunes what is read (None: all). ``complete``: sources to leave out entirely.
     """
     import ray.data
 
-    if reads_natively(inp, add_ids):
-        # Ray's readers name the file column "path"; renamed so it cannot clash with a user column of that name.
-        args = {"num_cpus": num_cpus, "include_paths": has_source_column(inp, add_ids)}
-        if inp.format == "parquet":
-            ds = ray.data.read_parquet(list(inp.files), **args)
-            if columns:  # Ray pushes the projection into the read
-                ds = ds.select_columns(columns + (["path"] if args["include_paths"] else []))
-        elif inp.format == "csv":
-            ds = ray.data.read_csv(list(inp.files), **args)
-        else:
-            ds = ray.data.read_json(list(inp.files), lines=True, **args)
-        return ds.rename_columns({"path": SOURCE_COLUMN}) if args["include_paths"] else ds
-    ds = ray.data.from_items([{"path": f} for f in inp.files], override_num_blocks=len(inp.files))
-    return ds.map_batches(
-        read_files_with_row_ids,
-        batch_size=1,
-        num_cpus=num_cpus,
-        fn_kwargs={"fmt": inp.format, "root": inp.root, "id_column": id_column if add_ids else None},
+    files = [f for f in inp.files if inp.source(f) not in complete]
+    if not files:
+        return None
+    source = ProvenanceDatasource(
+        inp,
+        files,
+        columns=columns,
+        id_column=id_column if add_ids else None,
+        skip=skip or {},
+        ledger_fs=ledger_fs,
+        ledger_root=ledger_root,
     )
+    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=min(len(files), MAX_READ_TASKS))

@@ -3,14 +3,14 @@
 Ray Data's built-in ``write_parquet`` writes every row it is given; routing rows by their ``_reject`` mark in the
 same write is why this sink exists (a second pass over the data for the rejects would read the input twice).
 Vectors are stored as ``fixed_size_list<float32|float16>`` (Ray's tensor extension type is not readable by
-other Parquet tools). Each write task returns its counts; ``on_write_complete`` adds them up on the driver.
+other Parquet tools). Rejects keep their file and row position (``_source``, ``_row``) so a user can find them.
+Each write task commits its files to the ledger and returns its counts; ``on_write_complete`` adds them up.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +22,13 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from operators import ledger
+from operators.io import ROW_COLUMN, SOURCE_COLUMN
+from operators.ledger import REJECTS_DIR
+from operators.storage import with_retries
 from operators.validate import REJECT_COLUMN
 
 logger = logging.getLogger(__name__)
-
-REJECTS_DIR = "_rejects"
 
 
 def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -71,6 +73,13 @@ class WriteStats:
 
 
 class EmbeddingSink(Datasink):
+    """Writes each task's rows as one ``part-<attempt>-<task>.parquet`` (+ its rejects), then commits it.
+
+    Needs the id, vector, ``_reject``, ``_source`` and ``_row`` columns. The commit record written after the
+    parts (``operators.ledger``) is what makes the rows count as done; a task killed before it leaves parts
+    that the next run deletes and redoes. Write errors are retried when transient and otherwise fail the job.
+    """
+
     def __init__(
         self,
         path: str,
@@ -80,6 +89,7 @@ class EmbeddingSink(Datasink):
         keep_columns: tuple[str, ...] = (),
         rows_per_file: int = 100_000,
         filesystem: pafs.FileSystem | None = None,
+        attempt: int = 0,
     ):
         self.path = path.rstrip("/")
         self.id_column = id_column
@@ -87,6 +97,7 @@ class EmbeddingSink(Datasink):
         self.keep_columns = keep_columns
         self.rows_per_file = rows_per_file
         self.filesystem = filesystem or pafs.LocalFileSystem()
+        self.attempt = attempt
         self.stats = WriteStats()
 
     @property
@@ -94,21 +105,30 @@ class EmbeddingSink(Datasink):
         return self.rows_per_file
 
     def on_write_start(self, schema=None) -> None:
-        self.filesystem.create_dir(posixpath.join(self.path, REJECTS_DIR), recursive=True)
+        for d in (REJECTS_DIR, ledger.COMMITS_DIR, ledger.SOURCES_DIR):
+            self.filesystem.create_dir(posixpath.join(self.path, d), recursive=True)
 
-    def _write_table(self, table: pa.Table, directory: str, name: str) -> str:
-        path = posixpath.join(directory, name)
-        pq.write_table(table, path, filesystem=self.filesystem, compression="zstd")
-        return path
+    def _write_table(self, table: pa.Table, rel: str) -> str:
+        path = posixpath.join(self.path, rel)
+        with_retries(
+            lambda: pq.write_table(table, path, filesystem=self.filesystem, compression="zstd"),
+            what=f"writing {path}",
+        )
+        return rel
 
     def write(self, blocks, ctx) -> WriteStats:
         stats = WriteStats()
         good: list[pa.Table] = []
         bad: list[pa.Table] = []
+        positions: dict[str, list[np.ndarray]] = {}
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if table.num_rows == 0:
                 continue
+            sources = np.asarray(table.column(SOURCE_COLUMN).to_numpy(zero_copy_only=False), dtype=object)
+            rows = np.asarray(table.column(ROW_COLUMN).to_numpy(), dtype=np.int64)
+            for src in np.unique(sources):
+                positions.setdefault(str(src), []).append(rows[sources == src])
             reasons = np.asarray(table.column(REJECT_COLUMN).to_numpy(zero_copy_only=False), dtype=object)
             ok = reasons == ""
             stats.rows += table.num_rows
@@ -128,19 +148,33 @@ class EmbeddingSink(Datasink):
                     if self.id_column in rej.column_names
                     else pa.nulls(rej.num_rows, pa.string()),
                     "reason": rej.column(REJECT_COLUMN),
+                    SOURCE_COLUMN: rej.column(SOURCE_COLUMN),
+                    ROW_COLUMN: rej.column(ROW_COLUMN),
                 }
                 cols.update({c: rej.column(c) for c in self.keep_columns if c in rej.column_names})
                 bad.append(pa.table(cols))
-        # One file per write task: Ray bundles at least rows_per_file rows into each task.
-        name = f"part-{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        if not stats.rows:
+            return stats
+        # One file per write task (Ray bundles >= rows_per_file rows into each). The name is deterministic, so
+        # a write task that Ray retries overwrites its own earlier attempt instead of adding a second copy.
+        name = f"part-{self.attempt:04d}-{ctx.task_idx:06d}"
+        record = {"file": None, "rejects": None}
         if good:
             table = pa.concat_tables(good, promote_options="permissive")
             stats.written = table.num_rows
-            stats.files.append(self._write_table(table, self.path, name))
+            record["file"] = self._write_table(table, name + ".parquet")
+            stats.files.append(record["file"])
         if bad:
-            self._write_table(
-                pa.concat_tables(bad, promote_options="permissive"), posixpath.join(self.path, REJECTS_DIR), name
-            )
+            rej = pa.concat_tables(bad, promote_options="permissive")
+            record["rejects"] = self._write_table(rej, posixpath.join(REJECTS_DIR, name + ".parquet"))
+        record.update(
+            rows=stats.rows,
+            written=stats.written,
+            rejected=dict(stats.rejected),
+            truncated=stats.truncated,
+            sources={src: ledger.to_ranges(np.concatenate(p)) for src, p in positions.items()},
+        )
+        ledger.commit(self.filesystem, self.path, name, record)
         return stats
 
     def on_write_complete(self, write_result) -> None:

@@ -5,11 +5,12 @@ marked rows through untouched and the sink writes them to ``_rejects/``, so rows
 
 Duplicate ids are found across the whole run by ``IdRegistry`` actors, each owning a hash partition of the ids:
 the first row to claim an id is kept, later ones are rejected as ``id_duplicate``. A claim carries the claiming
-row's identity (source file, the batch's ids, position in the batch), so when Ray retries a batch after a worker
-died, its rows claim their ids again as the same owner and stay valid instead of being rejected as duplicates of
-themselves. Each id costs ~150 bytes of actor memory (two 16-byte digests in a dict): ~15 GB per 100M rows, spread
-over the shards, so at billion-row scale run enough shards over the cluster, or turn the check off
-(``dedupe_ids: false``) when ids are known unique.
+row's identity (its input file and row position), so when Ray retries a batch after a worker died, its rows
+claim their ids again as the same owner and stay valid instead of being rejected as duplicates of themselves.
+On resume the registry is first filled with the ids already committed (``COMMITTED`` owner): the rows still to
+do are other rows, so a match there is a true duplicate. Each id costs ~150 bytes of actor memory (two 16-byte
+digests in a dict): ~15 GB per 100M rows, spread over the shards, so at billion-row scale run enough shards
+over the cluster, or turn the check off (``dedupe_ids: false``) when ids are known unique.
 """
 
 from __future__ import annotations
@@ -20,15 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 REJECT_COLUMN = "_reject"
-REASONS = (
-    "id_null",
-    "id_duplicate",
-    "text_null",
-    "text_not_string",
-    "text_empty",
-    "column_missing:<name>",
-    "embedding_not_finite",
-)
+VALIDATION_REASONS = ("id_null", "id_duplicate", "text_null", "text_not_string", "text_empty", "column_missing:<name>")
+REASONS = (*VALIDATION_REASONS, "embedding_not_finite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +31,8 @@ class ValidateConfig:
     text_column: str = "text"
     dedupe_ids: bool = True
     id_shards: int = 4
-    source_column: str | None = None  # the reader's file-path column; used for claim owners, then dropped
+    source_column: str = "_source"  # the reader's provenance columns: a row's identity for claims
+    row_column: str = "_row"
 
     def __post_init__(self):
         if self.id_shards < 1:
@@ -83,18 +78,33 @@ class IdRegistry:
             first[i] = self.owner.setdefault(k, o) == o
         return first
 
+    def preload(self, keys: list[bytes]) -> int:
+        """Ids committed by an earlier attempt of the run."""
+        for k in keys:
+            self.owner.setdefault(k, COMMITTED)
+        return len(keys)
+
     def size(self) -> int:
         return len(self.owner)
 
 
-def row_owners(keys: list[bytes], sources: list[str]) -> list[bytes]:
-    """Identity of each row of a batch: its source, the digest of the batch's ids, and its position in the batch.
+COMMITTED = b"\0committed"
 
-    Deterministic for a re-read of the same block (a Ray retry), different for the same ids at another place.
-    """
-    batch = hashlib.blake2b(b"".join(keys), digest_size=16).digest()
-    return [hashlib.blake2b(src.encode() + batch + i.to_bytes(8, "little"), digest_size=16).digest()
-            for i, src in enumerate(sources)]  # fmt: skip
+
+def claimed_id(reason: str) -> bool:
+    """Whether a rejected row had claimed its id: it passed validation and failed later (e.g. non-finite)."""
+    return reason not in VALIDATION_REASONS and not reason.startswith("column_missing:")
+
+
+def shard_keys(keys: list[bytes], shards: int) -> list[tuple[int, np.ndarray]]:
+    """(shard, positions in keys) for each registry shard that gets keys; a key's shard is its first byte mod n."""
+    shard_of = np.array([k[0] % shards for k in keys], dtype=np.int64)
+    return [(s, sel) for s in range(shards) if len(sel := np.flatnonzero(shard_of == s))]
+
+
+def row_owner(source: str, row: int) -> bytes:
+    """Identity of an input row: its file and position. The same on a re-read (a Ray retry or a resume)."""
+    return hashlib.blake2b(f"{source}\0{row}".encode(), digest_size=16).digest()
 
 
 def validate_rows(
@@ -115,18 +125,13 @@ def validate_rows(
 
         valid = np.flatnonzero(reasons == "")
         keys = [id_key(ids[i].item() if isinstance(ids[i], np.generic) else ids[i]) for i in valid]
-        sources = batch.get(cfg.source_column) if cfg.source_column else None
-        owners = row_owners(keys, [str(sources[i]) if sources is not None else "" for i in valid])
-        shard_of = np.array([k[0] % len(registry) for k in keys], dtype=np.int64)
+        sources, rows = batch[cfg.source_column], batch[cfg.row_column]
+        owners = [row_owner(str(sources[i]), int(rows[i])) for i in valid]
         refs, members = [], []
-        for s, handle in enumerate(registry):
-            sel = np.flatnonzero(shard_of == s)
-            if len(sel):
-                refs.append(handle.claim.remote([keys[j] for j in sel], [owners[j] for j in sel]))
-                members.append(sel)
+        for s, sel in shard_keys(keys, len(registry)):
+            refs.append(registry[s].claim.remote([keys[j] for j in sel], [owners[j] for j in sel]))
+            members.append(sel)
         for sel, first in zip(members, ray.get(refs)):
             reasons[valid[sel[~first]]] = "id_duplicate"
     batch[REJECT_COLUMN] = reasons
-    if cfg.source_column:
-        batch.pop(cfg.source_column, None)
     return batch

@@ -1,7 +1,8 @@
 """The ``kalm`` command line. Flags are generated from each job's config dataclass, so YAML keys and flags are
 the same names (``max_length`` <-> ``--max-length``) and cannot drift apart.
 
-Exit codes: 0 done; 2 bad config or input, found before any work; 1 the run failed.
+Exit codes: 0 done; 2 bad config or input, found before any work; 3 storage refused (no bucket, access denied,
+retries exhausted); 1 the run failed otherwise. Error text never holds a credential (``storage.redact``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import logging
 import sys
 import typing
 
+from operators.storage import StorageError, redact
 from pipelines import config as config_mod
 
 EXIT_BAD_CONFIG = 2
 EXIT_RUN_FAILED = 1
+EXIT_STORAGE = 3
 
 EMBED_HELP = {
-    "input": "input file, folder, glob, or `datasets` save_to_disk folder (default: the bundled sample corpus)",
-    "output": "output folder (default: kalm-out/embed)",
     "format": "input format: parquet, jsonl, csv or hf (default: from file names)",
     "model": "local model folder (default: the bundled all-MiniLM-L6-v2)",
     "add_ids": "derive stable ids from file + row position when the input has no id column",
@@ -39,7 +40,13 @@ EMBED_HELP = {
     "replicas": "model replicas (default: GPUs / num_gpus, or 1 on CPU)",
     "max_tokens": "padded-token budget per forward pass",
     "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
-    "overwrite": "replace an existing non-empty output folder",
+    "overwrite": "replace what the output holds (without it, a rerun with the same settings resumes)",
+    "input": "input file, folder, glob, `datasets` save_to_disk folder, local or s3://bucket/prefix "
+    "(default: the bundled sample corpus)",
+    "output": "output folder or s3://bucket/prefix (default: kalm-out/embed)",
+    "storage_endpoint": "S3-compatible endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL, else AWS)",
+    "storage_region": "object storage region (default: AWS_REGION / AWS_DEFAULT_REGION)",
+    "storage_retries": "attempts per storage request, with exponential backoff and jitter",
 }
 
 
@@ -122,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             bench.main(ns)
             return 0
     except config_mod.ConfigError as e:
-        print(f"kalm {ns.command}: error: {e}", file=sys.stderr)
+        print(f"kalm {ns.command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except StorageError as e:
+        print(f"kalm {ns.command}: storage error: {redact(str(e))}", file=sys.stderr)
+        return EXIT_STORAGE
     return EXIT_RUN_FAILED
 
 

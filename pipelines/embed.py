@@ -5,39 +5,28 @@ Run it as ``kalm embed ...`` or ``python -m pipelines.embed ...`` (the form a Ra
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Literal
 
+from operators import ledger
 from operators.embed import EmbedConfig, Embedder
-from operators.io import (
-    SOURCE_COLUMN,
-    InputError,
-    InputFiles,
-    check_columns,
-    has_source_column,
-    read_input,
-    resolve_input,
-)
+from operators.io import InputError, InputFiles, check_columns, read_input, resolve_input
 from operators.model import inspect_model, weights_sha256
 from operators.sink import EmbeddingSink
+from operators.storage import StorageConfig
 from operators.tokenize import TokenizeConfig, Tokenizer
 from operators.validate import IdRegistry, ValidateConfig, validate_rows
 from pipelines import defaults
 from pipelines.config import ConfigError, to_dict
+from pipelines.output import Output, open_output, preload_registry
 from pipelines.runtime import cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "_manifest.json"
 PACKAGES = ("kalm-pipeline", "ray", "torch", "transformers", "tokenizers", "pyarrow", "numpy")
 
 
@@ -92,6 +81,10 @@ class EmbedJobConfig:
     rows_per_file: int | None = None
     overwrite: bool = False
     address: str | None = None
+    # Object storage: credentials come from the standard AWS variables/profiles, never from here.
+    storage_endpoint: str | None = None  # S3-compatible endpoint URL; default AWS_ENDPOINT_URL(_S3), else AWS
+    storage_region: str | None = None  # default AWS_REGION / AWS_DEFAULT_REGION
+    storage_retries: int = 10  # attempts per storage request (backoff with jitter)
 
     def __post_init__(self):
         if self.text_kind not in ("document", "query"):
@@ -102,6 +95,39 @@ class EmbedJobConfig:
             raise ValueError(f"block_mb must be > 0, got {self.block_mb}")
         if self.io_num_cpus <= 0:
             raise ValueError(f"io_num_cpus must be > 0, got {self.io_num_cpus}")
+        self.storage()  # validates the storage settings
+
+    def storage(self) -> StorageConfig:
+        return StorageConfig(endpoint=self.storage_endpoint, region=self.storage_region, retries=self.storage_retries)
+
+    def input_uri(self) -> str:
+        return self.input or str(defaults.SAMPLE_CORPUS)
+
+    def output_uri(self) -> str:
+        return self.output or f"{defaults.DEFAULT_OUTPUT}/embed"
+
+
+# The settings that change what is written: a rerun with the same ones resumes, other ones are refused. Resources,
+# batch sizes and file sizes are left out, so a resumed run may use a different cluster.
+OUTPUT_SETTINGS = (
+    "format",
+    "id_column",
+    "text_column",
+    "add_ids",
+    "keep_columns",
+    "text_kind",
+    "task",
+    "query_prompt",
+    "document_prompt",
+    "max_length",
+    "pooling",
+    "normalize",
+    "dims",
+    "dtype",
+    "compute_dtype",
+    "bidirectional",
+    "dedupe_ids",
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +154,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
     """
     try:
         info = inspect_model(job.model or defaults.default_student(), allow_pickle=job.allow_pickle)
-        inp = inp or resolve_input(job.input or str(defaults.SAMPLE_CORPUS), job.format)
+        inp = inp or resolve_input(job.input_uri(), job.format, job.storage())
         check_columns(
             inp,
             id_column=job.id_column,
@@ -178,15 +204,10 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
             num_gpus=num_gpus,
             num_cpus=job.embed_num_cpus if job.embed_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
         )
-        validate = ValidateConfig(
-            id_column=job.id_column,
-            text_column=job.text_column,
-            dedupe_ids=job.dedupe_ids,
-            source_column=SOURCE_COLUMN if has_source_column(inp, job.add_ids) else None,
-        )
+        validate = ValidateConfig(id_column=job.id_column, text_column=job.text_column, dedupe_ids=job.dedupe_ids)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
-    return EmbedPlan(job, inp, job.output or f"{defaults.DEFAULT_OUTPUT}/embed", validate, tokenize, embed)
+    return EmbedPlan(job, inp, job.output_uri(), validate, tokenize, embed)
 
 
 TARGET_FILE_BYTES = 128 * 2**20
@@ -199,13 +220,11 @@ def rows_per_file(embed: EmbedConfig) -> int:
     return max(1000, TARGET_FILE_BYTES // row_bytes)
 
 
-def prepare_output(path: str, overwrite: bool) -> None:
-    p = Path(path)
-    if p.exists() and any(p.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output {path!r} already exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(p)
-    p.mkdir(parents=True, exist_ok=True)
+def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:
+    settings = to_dict(p.job)
+    out = {k: settings[k] for k in OUTPUT_SETTINGS}
+    out.update(input=p.job.input_uri(), model_weights_sha256=weights_hash)
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -218,21 +237,35 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_dataset(p: EmbedPlan):
-    """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors)."""
+def build_dataset(p: EmbedPlan, out: Output):
+    """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors); None if all is done.
+
+    ``out``: what earlier attempts committed; their rows are not read again.
+    """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     job, inp = p.job, p.input
     DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
+    columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
+    ds = read_input(
+        inp,
+        add_ids=job.add_ids,
+        id_column=job.id_column,
+        columns=columns,
+        num_cpus=job.io_num_cpus,
+        complete=out.state.complete(),
+        skip=out.state.partial(),
+        ledger_fs=out.fs,
+        ledger_root=out.root,
+    )
+    if ds is None:
+        return None
     registry = None
     if p.validate.dedupe_ids:
         shard = ray.remote(num_cpus=0)(IdRegistry)
         registry = [shard.remote() for _ in range(p.validate.id_shards)]
-    columns = None
-    if not job.add_ids:
-        columns = list(dict.fromkeys([job.id_column, job.text_column, *job.keep_columns]))
-    ds = read_input(inp, add_ids=job.add_ids, id_column=job.id_column, columns=columns, num_cpus=job.io_num_cpus)
+        preload_registry(out, registry, id_column=job.id_column, num_cpus=job.io_num_cpus)
     ds = ds.map_batches(
         validate_rows,
         fn_kwargs={"cfg": p.validate, "registry": registry},
@@ -248,7 +281,7 @@ def build_dataset(p: EmbedPlan):
         num_cpus=p.tokenize.num_cpus,
         udf_modifying_row_count=False,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
@@ -257,34 +290,41 @@ def build_dataset(p: EmbedPlan):
         num_cpus=p.embed.num_cpus,
         udf_modifying_row_count=False,
     )
-    return ds, registry
 
 
 def run(job: EmbedJobConfig) -> dict:
-    """Run the job; returns the manifest (also written to ``{output}/_manifest.json``)."""
+    """Run the job, or resume it where an earlier attempt stopped; returns the manifest (also written to
+    ``{output}/_manifest.json``), whose counts cover every attempt."""
     t_start = time.perf_counter()
     p = plan(job)  # first pass: everything that needs no cluster, so bad input fails before Ray starts
-    prepare_output(p.output, job.overwrite)
     weights_hash = weights_sha256(p.embed.model)
+    out = open_output(p.output, job.storage(), fingerprint(p, weights_hash), overwrite=job.overwrite)
+    rows_before = out.state.rows()
     with ray_session(job.address) as ray_start_s:
         p = plan(job, gpus_in_cluster=cluster_gpus(), inp=p.input)
         keep = tuple(c for c in job.keep_columns if c != job.id_column)
         sink = EmbeddingSink(
-            str(Path(p.output).resolve()),
+            out.root,
             id_column=job.id_column,
             vector_columns=p.embed.columns,
             keep_columns=keep,
             rows_per_file=job.rows_per_file or rows_per_file(p.embed),
+            filesystem=out.fs,
+            attempt=out.attempt,
         )
-        ds, _registry = build_dataset(p)
         t_pipe = time.perf_counter()
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": job.io_num_cpus})
+        ds = build_dataset(p, out)
+        if ds is not None:
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": job.io_num_cpus})
+        else:
+            logger.info("every input row of %s is already committed; nothing to do", p.output)
         pipeline_s = time.perf_counter() - t_pipe
-    stats = sink.stats.as_dict()
+    state = out.finish([p.input.source(f) for f in p.input.files])
+    this_run = sink.stats.as_dict()
     manifest = {
         "command": "embed",
-        "counts": {k: v for k, v in stats.items() if k != "files"},
-        "files": [os.path.relpath(f, Path(p.output).resolve()) for f in stats["files"]],
+        "counts": state.counts(),
+        "files": sorted(f for f in state.files() if not f.startswith(ledger.REJECTS_DIR)),
         "columns": {"id": job.id_column, "vectors": list(p.embed.columns), "kept": list(keep)},
         "model": {
             "name": p.embed.model.name,
@@ -294,7 +334,7 @@ def run(job: EmbedJobConfig) -> dict:
         },
         "config": to_dict(job),
         "resolved": {
-            "input": job.input or str(defaults.SAMPLE_CORPUS),
+            "input": job.input_uri(),
             "input_format": p.input.format,
             "input_files": len(p.input.files),
             "output": p.output,
@@ -305,18 +345,22 @@ def run(job: EmbedJobConfig) -> dict:
             "replicas": p.embed.replicas,
             "max_tokens": p.embed.max_tokens,
         },
+        "attempt": {
+            "number": out.attempt,
+            "rows_already_committed": rows_before,
+            "input_files_skipped": len(out.state.complete()),
+            "rows_processed": this_run["rows_in"],
+            "orphans_removed": out.removed,
+        },
         "versions": versions(),
         "timings_s": {
             "ray_start": round(ray_start_s, 3),
             "pipeline": round(pipeline_s, 3),
             "total": round(time.perf_counter() - t_start, 3),
-            "rows_per_s": round(stats["rows_in"] / pipeline_s, 2) if pipeline_s > 0 else None,
+            "rows_per_s": round(this_run["rows_in"] / pipeline_s, 2) if pipeline_s > 0 else None,
         },
     }
-    c = manifest["counts"]
-    if c["rows_in"] != c["rows_out"] + c["rows_rejected"]:  # the sink sees every row; this cannot differ
-        raise RuntimeError(f"row counts do not add up: {c}")
-    Path(p.output, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    out.write_manifest(manifest)
     return manifest
 
 

@@ -12,6 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # pipelines/operators import from the repo root, as a Ray job's working_dir does
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Object-storage credentials as a user sets them: in the environment, before Ray starts (its workers inherit them).
+# The secret is distinctive so tests can grep every artifact for it. No instance-metadata lookups on a dev box.
+TEST_SECRET = "kalm-TEST-secret-8c1f2e0b7a"
+os.environ.update(
+    AWS_ACCESS_KEY_ID="kalmtestkeyid",
+    AWS_SECRET_ACCESS_KEY=TEST_SECRET,
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
 
 WORDS = (
     "the a of to and in is it that for on with as was python list dict string function class module error file "
@@ -115,3 +126,33 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 for the whole run. Yields its URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test; yields (endpoint, bucket name, boto3 client)."""
+    import re
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    client.create_bucket(Bucket=name)
+    return s3_server, name, client

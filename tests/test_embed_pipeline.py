@@ -157,7 +157,7 @@ def test_existing_output_is_not_overwritten(tiny_bert, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert]) == EXIT_BAD_CONFIG
-    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
+    assert "holds no kalm run" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
 
 
 def test_id_claims_survive_a_retried_batch(ray_local):
@@ -165,22 +165,28 @@ def test_id_claims_survive_a_retried_batch(ray_local):
     The same ids from another file, or twice in one batch, are duplicates."""
     import ray
 
-    from operators.io import SOURCE_COLUMN
-    from operators.validate import IdRegistry, ValidateConfig, validate_rows
+    from operators.io import ROW_COLUMN, SOURCE_COLUMN
+    from operators.validate import COMMITTED, IdRegistry, ValidateConfig, id_key, validate_rows
 
-    cfg = ValidateConfig(source_column=SOURCE_COLUMN, id_shards=2)
+    cfg = ValidateConfig(id_shards=2)
     registry = [ray.remote(num_cpus=0)(IdRegistry).remote() for _ in range(2)]
 
-    def batch(src, ids):
+    def batch(src, ids, start=0):
         return {"id": np.array(ids, dtype=object), "text": np.array(["t"] * len(ids), dtype=object),
-                SOURCE_COLUMN: np.array([src] * len(ids), dtype=object)}  # fmt: skip
+                SOURCE_COLUMN: np.array([src] * len(ids), dtype=object),
+                ROW_COLUMN: np.arange(start, start + len(ids))}  # fmt: skip
 
     first = validate_rows(batch("a.parquet", ["x", "y", "x"]), cfg=cfg, registry=registry)
-    assert first["_reject"].tolist() == ["", "", "id_duplicate"] and SOURCE_COLUMN not in first
+    assert first["_reject"].tolist() == ["", "", "id_duplicate"]
     retry = validate_rows(batch("a.parquet", ["x", "y", "x"]), cfg=cfg, registry=registry)
     assert retry["_reject"].tolist() == ["", "", "id_duplicate"]
     other = validate_rows(batch("b.parquet", ["x", "y", "x"]), cfg=cfg, registry=registry)
     assert other["_reject"].tolist() == ["id_duplicate"] * 3
+    # Resume: ids committed by an earlier attempt are preloaded; a new row with one of them is a duplicate.
+    ray.get([r.preload.remote([id_key("z")]) for r in registry])
+    assert COMMITTED != b""
+    later = validate_rows(batch("a.parquet", ["z", "w"], start=3), cfg=cfg, registry=registry)
+    assert later["_reject"].tolist() == ["id_duplicate", ""]
 
 
 def test_duplicated_input_file_is_rejected_as_duplicates(ray_local, tiny_bert, tmp_path):
@@ -210,11 +216,14 @@ def test_non_string_texts_are_rejected_not_crashing(ray_local, tiny_bert, tmp_pa
 def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path):
     """Ray's default 128 MB blocks would hand this whole input to one replica as one task; block_mb splits it."""
     from pipelines.embed import EmbedJobConfig, build_dataset, plan
+    from pipelines.output import open_output
 
+    (tmp_path / "in").mkdir()
     for f in range(2):
         ids = [f"{f}-{i}" for i in range(3000)]
-        pq.write_table(pa.table({"id": ids, "text": ["the python list of data"] * 3000}), tmp_path / f"{f}.parquet")
-    job = EmbedJobConfig(input=str(tmp_path), model=tiny_bert, max_length=32, block_mb=0.125, batch_size=1000)
-    ds, _registry = build_dataset(plan(job, gpus_in_cluster=0))
+        pq.write_table(pa.table({"id": ids, "text": ["the python list of data"] * 3000}), tmp_path / f"in/{f}.parquet")
+    job = EmbedJobConfig(input=str(tmp_path / "in"), model=tiny_bert, max_length=32, block_mb=0.125, batch_size=1000)
+    out = open_output(str(tmp_path / "out"), job.storage(), {}, overwrite=False)
+    ds = build_dataset(plan(job, gpus_in_cluster=0), out)
     sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None)]
     assert sum(sizes) == 6000 and len(sizes) >= 6

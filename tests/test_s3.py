@@ -1,0 +1,193 @@
+"""`kalm embed` against a real S3 server on loopback (moto's server mode), set up the way a user would:
+credentials in the AWS environment variables, the endpoint given with --storage-endpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.storage import S3Store, StorageConfig
+from pipelines.cli import EXIT_BAD_CONFIG, EXIT_STORAGE, main
+from tests.conftest import ROOT, TEST_SECRET, WORDS
+from tests.s3proxy import FaultProxy
+
+
+def _texts(n, seed=0):
+    return [" ".join(WORDS[(seed + i * 7 + k * 3) % len(WORDS)] for k in range(3 + (seed + i) % 9)) for i in range(n)]
+
+
+def _put_corpus(client, bucket, prefix, files, rows_per_file, *, extra=()):
+    ids = []
+    for f in range(files):
+        chunk = [f"f{f}-{i}" for i in range(rows_per_file)]
+        table = pa.table({"id": chunk, "text": _texts(rows_per_file, seed=f)})
+        if f == 0 and extra:
+            table = pa.concat_tables([table, pa.table({"id": [r[0] for r in extra], "text": [r[1] for r in extra]})])
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        client.put_object(Bucket=bucket, Key=f"{prefix}/part-{f:03d}.parquet", Body=buf.getvalue())
+        ids += chunk
+    return ids
+
+
+def _fs(endpoint):
+    return S3Store(StorageConfig(endpoint=endpoint).resolved())
+
+
+def _output_ids(endpoint, bucket, prefix):
+    """Read back with plain pyarrow (its dataset reader skips _-prefixed files, as Spark and datasets do)."""
+    table = pq.read_table(f"{bucket}/{prefix}", filesystem=_fs(endpoint))
+    return table.column("id").to_pylist(), table
+
+
+def _manifest(client, bucket, prefix):
+    return json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/_manifest.json")["Body"].read())
+
+
+def _all_objects(client, bucket):
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def test_s3_in_s3_out_read_back_with_pyarrow_and_datasets(ray_local, tiny_bert, s3_bucket, capsys, monkeypatch):
+    endpoint, bucket, client = s3_bucket
+    ids = _put_corpus(client, bucket, "corpus", files=3, rows_per_file=40, extra=[("f0-1", "a duplicate id")])
+    args = ["embed", "--input", f"s3://{bucket}/corpus", "--output", f"s3://{bucket}/out/emb", "--model", tiny_bert,
+            "--max-length", "32", "--storage-endpoint", endpoint, "--rows-per-file", "50", "--batch-size", "20",
+            "--keep-columns", "text"]  # fmt: skip
+    assert main(args) == 0
+    got, table = _output_ids(endpoint, bucket, "out/emb")
+    assert sorted(got) == sorted(ids)  # every valid row once; the duplicate set aside
+    assert table.schema.field("embedding").type.list_size == 32
+    c = _manifest(client, bucket, "out/emb")["counts"]
+    assert (c["rows_in"], c["rows_out"], c["rejected_by_reason"]) == (121, 120, {"id_duplicate": 1})
+    keys = _all_objects(client, bucket)
+    parts = sorted(k for k in keys if k.startswith("out/emb/part-"))
+    assert len(parts) >= 2 and all(k.endswith(".parquet") for k in parts)  # rows_per_file=50: several parts
+
+    # datasets, through fsspec/s3fs, with the same endpoint a user would give it
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # its offline flag also blocks s3:// (no hub here)
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=[f"s3://{bucket}/{k}" for k in parts],
+        split="train",
+        storage_options={"client_kwargs": {"endpoint_url": endpoint}},
+    )
+    assert sorted(ds["id"]) == sorted(ids) and len(ds[0]["embedding"]) == 32
+
+    # Nothing the run left behind, and nothing it printed, holds the secret.
+    for key in keys:
+        assert TEST_SECRET.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
+    captured = capsys.readouterr()
+    assert TEST_SECRET not in captured.out + captured.err
+
+    # Same command again: the output is complete, so nothing is redone and nothing is added.
+    assert main(args) == 0
+    m = _manifest(client, bucket, "out/emb")
+    assert m["attempt"]["number"] == 1 and m["attempt"]["rows_processed"] == 0
+    assert m["attempt"]["input_files_skipped"] == 3 and m["counts"]["rows_in"] == 121
+    assert sorted(_output_ids(endpoint, bucket, "out/emb")[0]) == sorted(ids)
+
+    # Other settings on the same prefix are refused, naming what changed; --overwrite replaces.
+    assert main([*args, "--max-length", "16"]) == EXIT_BAD_CONFIG
+    assert "max_length: 32 -> 16" in capsys.readouterr().err
+    assert main([*args, "--max-length", "16", "--overwrite"]) == 0
+    assert _manifest(client, bucket, "out/emb")["attempt"]["number"] == 0
+
+
+def test_missing_bucket_and_access_denied_fail_fast(ray_local, tiny_bert, s3_bucket, tmp_path, capsys):
+    endpoint, bucket, client = s3_bucket
+    _put_corpus(client, bucket, "corpus", files=1, rows_per_file=5)
+    common = ["--model", tiny_bert, "--max-length", "32"]
+    rc = main(["embed", "--input", f"s3://{bucket}/corpus", "--output", "s3://no-such-bucket-kalm/x/y",
+               "--storage-endpoint", endpoint, *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == EXIT_STORAGE and "bucket 'no-such-bucket-kalm', prefix 'x/y': no such bucket" in err
+    rc = main(["embed", "--input", "s3://no-such-bucket-kalm/in", "--output", str(tmp_path / "o"),
+               "--storage-endpoint", endpoint, *common])  # fmt: skip
+    assert rc == EXIT_STORAGE and "no such bucket" in capsys.readouterr().err
+    with FaultProxy(endpoint, deny=True) as proxy:
+        t0 = time.perf_counter()
+        rc = main(["embed", "--input", f"s3://{bucket}/corpus", "--output", f"s3://{bucket}/out",
+                   "--storage-endpoint", proxy.url, *common])  # fmt: skip
+        elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert rc == EXIT_STORAGE and f"bucket '{bucket}', prefix 'corpus': access denied (HTTP 403)" in err, err
+    assert elapsed < 30 and TEST_SECRET not in err  # a 403 is not retried ten times with backoff
+
+
+def test_transient_storage_faults_lose_nothing(ray_local, tiny_bert, s3_bucket):
+    endpoint, bucket, client = s3_bucket
+    ids = _put_corpus(client, bucket, "corpus", files=4, rows_per_file=30)
+    with FaultProxy(endpoint, slowdown=0.15, drop=0.05, seed=1) as proxy:
+        rc = main(["embed", "--input", f"s3://{bucket}/corpus", "--output", f"s3://{bucket}/out", "--model", tiny_bert,
+                   "--max-length", "32", "--storage-endpoint", proxy.url, "--rows-per-file", "40"])  # fmt: skip
+        counts = dict(proxy.counts)
+    assert rc == 0
+    assert counts["slowdown"] >= 5 and counts["drop"] >= 1, counts  # faults were really injected
+    got, _ = _output_ids(endpoint, bucket, "out")
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))
+    assert _manifest(client, bucket, "out")["counts"]["rows_in"] == len(ids)
+
+
+def _commits(client, bucket, prefix):
+    return [k for k in _all_objects(client, bucket) if k.startswith(f"{prefix}/_commits/") and k.endswith(".json")]
+
+
+def test_sigkill_mid_run_then_resume(ray_local, default_model, s3_bucket):
+    """The driver is SIGKILLed once some parts are committed; the same command resumes. The final output holds
+    every valid input row exactly once, and the rerun embeds only the rows that were not committed."""
+    endpoint, bucket, client = s3_bucket
+    ids = _put_corpus(client, bucket, "corpus", files=6, rows_per_file=300, extra=[("f0-3", "dup"), ("n", "  ")])
+    cmd = [sys.executable, "-m", "pipelines.embed", "--input", f"s3://{bucket}/corpus",
+           "--output", f"s3://{bucket}/out", "--model", default_model, "--storage-endpoint", endpoint,
+           "--rows-per-file", "100", "--batch-size", "50",
+           "--address", ray_local.get_runtime_context().gcs_address]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while len(_commits(client, bucket, "out")) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    committed = len(_commits(client, bucket, "out"))
+    assert 2 <= committed < 15, committed  # killed mid-run: some parts of ~100 rows done, most not
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    m = _manifest(client, bucket, "out")
+    a = m["attempt"]
+    print("resume:", a)  # shown with -s: how much work the rerun saved
+    total = len(ids) + 2
+    assert a["number"] == 1 and 200 <= a["rows_already_committed"] < total
+    # The rerun embedded exactly the rows that were not committed: at least 200 of 1802 fewer than a full run.
+    assert a["rows_processed"] == total - a["rows_already_committed"]
+    got, _ = _output_ids(endpoint, bucket, "out")
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))  # exactly once
+    c = m["counts"]
+    assert (c["rows_in"], c["rows_out"]) == (total, len(ids))
+    assert c["rejected_by_reason"] == {"id_duplicate": 1, "text_empty": 1}
+
+
+@pytest.mark.parametrize("bad", ["s3:///x", "gopher://x/y"])
+def test_unusable_uris_are_config_errors(bad, capsys):
+    assert main(["embed", "--input", bad]) == EXIT_BAD_CONFIG
+    assert bad.split(":")[0] in capsys.readouterr().err
