@@ -116,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(config_mod.to_dict(job), indent=2))
                 return 0
             manifest = embed.run(job)
-            c = manifest["counts"]
+            c, a = manifest["counts"], manifest["attempt"]
+            resumed = f"; resumed: {a['rows_already_committed']} rows were already committed" if a["number"] else ""
             print(
                 f"embedded {c['rows_out']} of {c['rows_in']} rows ({c['rows_rejected']} rejected "
                 f"{c['rejected_by_reason']}, {c['rows_truncated']} truncated) in "
-                f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}"
+                f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}{resumed}"
             )
             return 0
         if ns.command == "bench":

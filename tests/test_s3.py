@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,6 +94,8 @@ def test_s3_in_s3_out_read_back_with_pyarrow_and_datasets(ray_local, tiny_bert, 
         assert TEST_SECRET.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
     captured = capsys.readouterr()
     assert TEST_SECRET not in captured.out + captured.err
+    logs = [p for p in Path(ray_local._private.worker._global_node.get_logs_dir_path()).rglob("*") if p.is_file()]
+    assert logs and not [p for p in logs if TEST_SECRET.encode() in p.read_bytes()]  # Ray's logs of every worker
 
     # Same command again: the output is complete, so nothing is redone and nothing is added.
     assert main(args) == 0
