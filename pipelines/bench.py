@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 def _texts(path: str | None) -> list[str]:
-    table = pq.read_table(path or defaults.SAMPLE_CORPUS, columns=["text"])
+    from operators.storage import resolve
+
+    fs, where = resolve(str(path or defaults.SAMPLE_CORPUS))  # local or s3:// (endpoint from AWS_ENDPOINT_URL)
+    table = pq.read_table(where, filesystem=fs, columns=["text"])
     return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
 
 

@@ -65,9 +65,9 @@ class EmbedJobConfig:
     max_tokens: int | None = None
     max_rows: int | None = None
     batch_size: int | None = None  # rows per actor call, length-sorted within; default 8192 on GPU, 4096 on CPU
-    # Logical CPUs per model replica; default 1 on GPU, 0.5 on CPU. Ray Data's file listing and read tasks ask for
-    # a whole CPU each: a CPU replica holding a full one (plus the tokenizer's share) on a 2-core node starves them
-    # and the job hangs. The replica's torch threads are set separately (EmbedConfig.torch_threads).
+    # Logical CPUs per model replica; default 1 on GPU, 0.5 on CPU. A CPU replica holding a whole CPU (plus the
+    # tokenizer's share) on a 2-core node leaves the read and write tasks too little and the job stalls. The
+    # replica's torch threads are set separately (EmbedConfig.torch_threads).
     embed_num_cpus: float | None = None
     tokenizer_replicas: int | None = None  # default: one per model replica (one tokenizer feeds ~29k rows/s)
     tokenizer_num_cpus: float = 0.25
