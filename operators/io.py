@@ -12,6 +12,7 @@ record when a file has been read to its end (``operators.ledger``). Each file st
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -230,14 +231,19 @@ class ProvenanceDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         groups = np.array_split(np.arange(len(self.files)), max(1, min(parallelism, len(self.files))))
+        # Each task pickles only its own paths and skip ranges: with ~1e4 tasks, shipping every path to every
+        # task would cost O(files^2) bytes.
+        slim = dataclasses.replace(self.inp, files=())
+        args = {k: v for k, v in self.read_args.items() if k != "skip"}
+        skip_all = self.read_args["skip"]
         tasks = []
         for group in groups:
             paths = [self.files[i] for i in group]
+            skips = {p: skip_all.get(slim.source(p)) for p in paths}
 
-            def read(paths=paths):
+            def read(paths=paths, skips=skips):
                 for path in paths:
-                    skip = self.read_args["skip"].get(self.inp.source(path))
-                    yield from read_file(self.inp, path, **{**self.read_args, "skip": skip})
+                    yield from read_file(slim, path, skip=skips[path], **args)
 
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(paths))
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
