@@ -10,13 +10,12 @@ come back in the input order. A row whose vector is not finite (e.g. fp16 overfl
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from operators.model import COMPUTE_DTYPES, ModelInfo, load_model
-from operators.pooling import POOLINGS, l2_normalize, matryoshka, plan_token_batches, pool
+from operators.model import COMPUTE_DTYPES, ModelInfo, cpu_threads, load_model, select_device, to_device
+from operators.pooling import POOLINGS, l2_normalize, matryoshka, pad_ids, plan_token_batches, pool
 from operators.validate import REJECT_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -90,16 +89,10 @@ class Embedder:
 
         self.torch = torch
         self.cfg = cfg
-        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cfg.num_gpus > 0 and torch.cuda.is_available())
-        if cfg.num_gpus > 0 and cfg.device != "cpu" and not torch.cuda.is_available():
-            # A node whose driver is broken must not silently run on CPU; logical GPUs (a test cluster) say cpu.
-            raise RuntimeError(
-                "this replica was given a GPU by Ray but torch sees no CUDA device (device='cpu' forces CPU)"
-            )
-        self.device = "cuda" if use_cuda else "cpu"
+        self.device = select_device(cfg.device, cfg.num_gpus)
         self.threads = None
-        if not use_cuda:
-            self.threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.replicas)
+        if self.device == "cpu":
+            self.threads = cpu_threads(cfg.torch_threads, cfg.replicas)
             torch.set_num_threads(self.threads)
         self.model = load_model(
             cfg.model,
@@ -113,38 +106,37 @@ class Embedder:
 
     def _forward(self, ids: list[np.ndarray]) -> np.ndarray:
         """ids: B arrays of token ids -> pooled [B, H] float32 (before normalisation)."""
-        torch = self.torch
-        longest = max(len(x) for x in ids)
-        tokens = np.full((len(ids), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), longest), dtype=np.int64)
-        for r, x in enumerate(ids):
-            tokens[r, : len(x)] = x
-            mask[r, : len(x)] = 1
-        t_tokens, t_mask = torch.from_numpy(tokens), torch.from_numpy(mask)
-        if self.device == "cuda":
-            # Pinned host memory lets the copy overlap with the previous batch's compute.
-            t_tokens = t_tokens.pin_memory().to(self.device, non_blocking=True)
-            t_mask = t_mask.pin_memory().to(self.device, non_blocking=True)
-        with torch.inference_mode():
+        t_tokens, t_mask = to_device(self.device, *pad_ids(ids, self.pad_id))
+        with self.torch.inference_mode():
             hidden = self.model(input_ids=t_tokens, attention_mask=t_mask).last_hidden_state  # [B, L, H]
             pooled = pool(hidden, t_mask, self.cfg.pooling)  # [B, H] float32
         return pooled.cpu().numpy()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cfg = self.cfg
+    def set_threads(self) -> None:
         if self.threads and self.torch.get_num_threads() != self.threads:
             # OpenMP thread counts are per calling thread: Ray Data calls the UDF from another thread than
             # __init__, where Ray's OMP_NUM_THREADS=1 for fractional-CPU actors would leave one core busy.
             self.torch.set_num_threads(self.threads)
+
+    def pooled(self, ids: list[np.ndarray]) -> np.ndarray:
+        """N arrays of token ids -> pooled [N, H] float32, in input order; length-sorted token-budget batches."""
+        out = np.zeros((len(ids), self.cfg.model.hidden_size), dtype=np.float32)
+        if ids:
+            lengths = np.array([len(x) for x in ids])
+            for group in plan_token_batches(lengths, self.cfg.max_tokens, self.cfg.max_rows):
+                out[group] = self._forward([ids[i] for i in group])
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        self.set_threads()
         reasons = batch[REJECT_COLUMN].copy()
         n = len(reasons)
         pooled = np.zeros((n, cfg.model.hidden_size), dtype=np.float32)
         rows = np.flatnonzero(reasons == "")
         if len(rows):
             ids = batch["input_ids"]
-            lengths = batch["num_tokens"][rows]
-            for group in plan_token_batches(lengths, cfg.max_tokens, cfg.max_rows):
-                pooled[rows[group]] = self._forward([ids[rows[i]] for i in group])
+            pooled[rows] = self.pooled([ids[i] for i in rows])
         bad = ~np.isfinite(pooled).all(axis=1) & (reasons == "")
         if bad.any():
             logger.warning("%d rows produced non-finite embeddings; set aside as rejects", int(bad.sum()))

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("parquet", "jsonl", "csv", "hf")
 SOURCE_COLUMN = "_source"  # the row's input file, relative to the input root
 ROW_COLUMN = "_row"  # the row's position in that file
-RESERVED = (SOURCE_COLUMN, ROW_COLUMN)
+REJECT_COLUMN = "_reject"  # = operators.validate.REJECT_COLUMN (io must not depend on validate)
+RESERVED = (SOURCE_COLUMN, ROW_COLUMN, REJECT_COLUMN)
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 READ_BATCH_ROWS = 8192
 MAX_READ_TASKS = 20_000  # one task per file up to this; beyond, files are grouped (task overhead ~ms each)
@@ -84,7 +85,10 @@ def _first_schema(fs: pafs.FileSystem, fmt: str, path: str) -> pa.Schema:
             head = f.read(1 << 20)
         head = head[: head.rfind(b"\n") + 1] or head
         if fmt == "jsonl":
-            return pajson.read_json(pa.BufferReader(head)).schema
+            try:
+                return pajson.read_json(pa.BufferReader(head)).schema
+            except pa.ArrowInvalid:  # mixed types or broken lines: the reader sets those rows aside
+                return parse_jsonl_lines(head).schema
         return pacsv.read_csv(pa.BufferReader(head)).schema
     except FileNotFoundError as e:
         raise InputError(f"cannot read {path!r}: not found") from e
@@ -179,7 +183,53 @@ def _iter_file(fs: pafs.FileSystem, fmt: str, path: str, columns: list[str] | No
             yield from pacsv.open_csv(f)
     else:
         with fs.open_input_stream(path) as f:
-            yield from pajson.read_json(f).to_batches(max_chunksize=READ_BATCH_ROWS)
+            data = f.read()  # pyarrow's JSON reader reads the whole file too
+        try:
+            table = pajson.read_json(pa.BufferReader(data))
+        except pa.ArrowInvalid as e:
+            logger.warning("%s: %s; parsing it line by line and setting bad lines aside", path, e)
+            table = parse_jsonl_lines(data)
+        yield from table.to_batches(max_chunksize=READ_BATCH_ROWS)
+
+
+def _kind(value) -> str:
+    return "list" if isinstance(value, list) else "null" if value is None else type(value).__name__
+
+
+def parse_jsonl_lines(data: bytes) -> pa.Table:
+    """JSONL that Arrow's reader refuses (a column changing type, a broken line), parsed line by line.
+
+    Each column keeps its most common type (ints and floats count as one); a value of another type is nulled and
+    its row marked ``{column}_wrong_type`` in ``_reject``; a line that is not a JSON object is ``json_invalid``. Row
+    positions stay those of the lines, so nothing is lost or shifted. Slower than Arrow's reader: only used
+    when that one fails.
+    """
+    rows, reasons = [], []
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            rows.append({})
+            reasons.append("json_invalid")
+            continue
+        rows.append(obj)
+        reasons.append("")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    for col in columns:
+        kinds = [_kind(r.get(col)) for r in rows]
+        counts = {k: kinds.count(k) for k in set(kinds) - {"null"}}
+        # The most common type; on a tie the one seen first (as Arrow's reader fixes a type from the first rows).
+        main = max(counts, key=lambda k: (counts[k], -kinds.index(k))) if counts else "null"
+        for i, k in enumerate(kinds):
+            if k not in ("null", main) and not (k in ("int", "float") and main in ("int", "float")):
+                rows[i][col] = None
+                reasons[i] = reasons[i] or f"{col}_wrong_type"
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    return table.append_column(REJECT_COLUMN, pa.array(reasons, pa.string()))
 
 
 def read_file(
@@ -203,13 +253,15 @@ def read_file(
     for rb in _iter_file(inp.fs, inp.format, path, columns):
         table = pa.Table.from_batches([rb])
         if columns:
-            table = table.select([c for c in columns if c in table.column_names])
+            table = table.select([c for c in [*columns, REJECT_COLUMN] if c in table.column_names])
         pos = np.arange(offset, offset + table.num_rows, dtype=np.int64)
         offset += table.num_rows
         if id_column:
             table = table.append_column(id_column, pa.array([f"{source}:{p}" for p in pos], pa.string()))
         table = table.append_column(SOURCE_COLUMN, pa.array([source] * table.num_rows, pa.string()))
         table = table.append_column(ROW_COLUMN, pa.array(pos))
+        if REJECT_COLUMN not in table.column_names:  # every block has the same columns; the reader may set it
+            table = table.append_column(REJECT_COLUMN, pa.array([""] * table.num_rows, pa.string()))
         if skip:
             table = table.filter(pa.array(~ledger.in_ranges(pos, skip)))
         if table.num_rows:

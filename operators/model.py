@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -152,14 +154,20 @@ def load_model(
     # transformers renamed torch_dtype to dtype in 4.56; GPU images often carry an older release.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = cls.from_pretrained(
-        info.path,
-        **{dtype_kw: dtype},
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-        use_safetensors=info.weight_files[0].endswith(".safetensors"),
-        trust_remote_code=trust_remote_code,
-    )
+    kwargs = {
+        dtype_kw: dtype,
+        "local_files_only": True,
+        "use_safetensors": info.weight_files[0].endswith(".safetensors"),
+        "trust_remote_code": trust_remote_code,
+    }
+    try:
+        model = cls.from_pretrained(info.path, attn_implementation=attn_implementation, **kwargs)
+    except ValueError as e:
+        # Some architectures (MPNet, ...) have no SDPA path in transformers; their own attention is correct, slower.
+        if "does not support an attention implementation" not in str(e):
+            raise
+        logger.info("%s has no %s attention in transformers; using eager attention", info.name, attn_implementation)
+        model = cls.from_pretrained(info.path, attn_implementation="eager", **kwargs)
     if bidirectional:
         n = make_bidirectional(model)
         logger.info("bidirectional attention: %d attention modules switched off causal", n)
@@ -172,3 +180,32 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def select_device(device: str, num_gpus: float) -> str:
+    """'cuda' or 'cpu' for a replica given ``num_gpus`` by Ray. A GPU replica that sees no CUDA device fails:
+    a node with a broken driver must not silently run on CPU (logical GPUs in a test cluster say device='cpu')."""
+    import torch
+
+    if num_gpus > 0 and device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "this replica was given a GPU by Ray but torch sees no CUDA device (device='cpu' forces CPU)"
+        )
+    return "cuda" if device == "cuda" or (device == "auto" and num_gpus > 0 and torch.cuda.is_available()) else "cpu"
+
+
+def cpu_threads(torch_threads: int | None, replicas: int) -> int:
+    """Torch threads of a CPU replica: the node's cores split between the replicas that share it."""
+    import os
+
+    return torch_threads or max(1, (os.cpu_count() or 1) // replicas)
+
+
+def to_device(device: str, *arrays: np.ndarray):
+    """numpy -> torch on ``device``; on CUDA through pinned memory so the copy overlaps the previous compute."""
+    import torch
+
+    out = [torch.from_numpy(a) for a in arrays]
+    if device == "cuda":
+        out = [t.pin_memory().to(device, non_blocking=True) for t in out]
+    return out

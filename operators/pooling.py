@@ -65,3 +65,14 @@ def plan_token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> l
         batches.append(order[start : start + rows])
         start += rows
     return batches
+
+
+def pad_ids(ids: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """B arrays of token ids -> tokens [B, L] int64 right-padded with pad_id, attention mask [B, L] int64."""
+    longest = max(len(x) for x in ids)
+    tokens = np.full((len(ids), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for r, x in enumerate(ids):
+        tokens[r, : len(x)] = x
+        mask[r, : len(x)] = 1
+    return tokens, mask

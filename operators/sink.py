@@ -1,4 +1,4 @@
-"""EmbeddingSink: writes embedded rows to Parquet and rejected rows to ``_rejects/``, in one pass.
+"""RowSink: writes a pipeline's rows to Parquet or JSONL and rejected rows to ``_rejects/``, in one pass.
 
 Ray Data's built-in ``write_parquet`` writes every row it is given; routing rows by their ``_reject`` mark in the
 same write is why this sink exists (a second pass over the data for the rejects would read the input twice).
@@ -9,6 +9,7 @@ Each write task commits its files to the ledger and returns its counts; ``on_wri
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from collections import Counter
@@ -35,6 +36,15 @@ def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
     """[N, D] numpy -> fixed_size_list<D> Arrow array (zero copy of the flat buffer)."""
     values = np.ascontiguousarray(values)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def plain_column(col: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """Ray's tensor extension types (what object arrays of numpy arrays become) -> plain Arrow lists, which every
+    Parquet and JSON reader understands; other columns unchanged."""
+    if not isinstance(col.type, pa.ExtensionType):
+        return col
+    values = col.to_pylist()
+    return pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in values])
 
 
 def vector_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -72,29 +82,49 @@ class WriteStats:
         }
 
 
-class EmbeddingSink(Datasink):
-    """Writes each task's rows as one ``part-<attempt>-<task>.parquet`` (+ its rejects), then commits it.
+INTERNAL = (REJECT_COLUMN, SOURCE_COLUMN, ROW_COLUMN, "input_ids", "num_tokens", "truncated")
+FORMATS = ("parquet", "jsonl")
 
-    Needs the id, vector, ``_reject``, ``_source`` and ``_row`` columns. The commit record written after the
-    parts (``operators.ledger``) is what makes the rows count as done; a task killed before it leaves parts
-    that the next run deletes and redoes. Write errors are retried when transient and otherwise fail the job.
+
+def write_jsonl(table: pa.Table, path: str, filesystem: pafs.FileSystem) -> None:
+    """One JSON object per line (what FlagEmbedding and most trainers read); UTF-8, not ASCII-escaped."""
+    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist()).encode()
+    with filesystem.open_output_stream(path) as f:
+        f.write(payload)
+
+
+class RowSink(Datasink):
+    """Writes each task's rows as one ``part-<attempt>-<task>.<parquet|jsonl>`` (+ its rejects), then commits it.
+
+    Needs ``_reject``, ``_source`` and ``_row``. ``columns``: the output columns in order (None: every column
+    but the internal ones); ``vector_columns`` are stored as fixed-size lists. Rejects keep the id (if any), the
+    reason, their file and row, and ``reject_columns`` (None: the output columns that are not vectors) so a user
+    can find and fix them. The commit record written after the parts (``operators.ledger``) is what makes the rows
+    count as done; a task killed before it leaves parts that the next run deletes and redoes. Write errors are
+    retried when transient and otherwise fail the job.
     """
 
     def __init__(
         self,
         path: str,
         *,
-        id_column: str,
-        vector_columns: tuple[str, ...],
-        keep_columns: tuple[str, ...] = (),
+        columns: tuple[str, ...] | None = None,
+        vector_columns: tuple[str, ...] = (),
+        id_column: str | None = None,
+        reject_columns: tuple[str, ...] | None = None,
+        output_format: str = "parquet",
         rows_per_file: int = 100_000,
         filesystem: pafs.FileSystem | None = None,
         attempt: int = 0,
     ):
+        if output_format not in FORMATS:
+            raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
         self.path = path.rstrip("/")
-        self.id_column = id_column
+        self.columns = columns
         self.vector_columns = vector_columns
-        self.keep_columns = keep_columns
+        self.id_column = id_column
+        self.reject_columns = reject_columns
+        self.output_format = output_format
         self.rows_per_file = rows_per_file
         self.filesystem = filesystem or pafs.LocalFileSystem()
         self.attempt = attempt
@@ -108,13 +138,38 @@ class EmbeddingSink(Datasink):
         for d in (REJECTS_DIR, ledger.COMMITS_DIR, ledger.SOURCES_DIR):
             self.filesystem.create_dir(posixpath.join(self.path, d), recursive=True)
 
-    def _write_table(self, table: pa.Table, rel: str) -> str:
+    def _write_table(self, table: pa.Table, rel: str, fmt: str) -> str:
         path = posixpath.join(self.path, rel)
-        with_retries(
-            lambda: pq.write_table(table, path, filesystem=self.filesystem, compression="zstd"),
-            what=f"writing {path}",
-        )
+        if fmt == "jsonl":
+            write = lambda: write_jsonl(table, path, self.filesystem)  # noqa: E731
+        else:
+            write = lambda: pq.write_table(table, path, filesystem=self.filesystem, compression="zstd")  # noqa: E731
+        with_retries(write, what=f"writing {path}")
         return rel
+
+    def _good(self, table: pa.Table) -> pa.Table:
+        names = self.columns or tuple(c for c in table.column_names if c not in INTERNAL)
+        vec = self.vector_columns
+        return pa.table(
+            {c: vector_column(table.column(c)) if c in vec else plain_column(table.column(c)) for c in names}
+        )
+
+    def _bad(self, table: pa.Table) -> pa.Table:
+        cols = {}
+        if self.id_column:
+            cols[self.id_column] = (
+                table.column(self.id_column)
+                if self.id_column in table.column_names
+                else pa.nulls(table.num_rows, pa.string())
+            )
+        cols.update(reason=table.column(REJECT_COLUMN), **{SOURCE_COLUMN: table.column(SOURCE_COLUMN)})
+        cols[ROW_COLUMN] = table.column(ROW_COLUMN)
+        keep = self.reject_columns
+        if keep is None:
+            keep = tuple(c for c in (self.columns or table.column_names) if c not in INTERNAL)
+        keep = [c for c in keep if c in table.column_names and c not in cols and c not in self.vector_columns]
+        cols.update({c: plain_column(table.column(c)) for c in keep})
+        return pa.table(cols)
 
     def write(self, blocks, ctx) -> WriteStats:
         stats = WriteStats()
@@ -136,23 +191,9 @@ class EmbeddingSink(Datasink):
             if "truncated" in table.column_names:
                 stats.truncated += int(np.asarray(table.column("truncated"))[ok].sum())
             if ok.any():
-                kept = table.filter(pa.array(ok))
-                cols = {self.id_column: kept.column(self.id_column)}
-                cols.update({c: vector_column(kept.column(c)) for c in self.vector_columns})
-                cols.update({c: kept.column(c) for c in self.keep_columns})
-                good.append(pa.table(cols))
+                good.append(self._good(table.filter(pa.array(ok))))
             if (~ok).any():
-                rej = table.filter(pa.array(~ok))
-                cols = {
-                    self.id_column: rej.column(self.id_column)
-                    if self.id_column in rej.column_names
-                    else pa.nulls(rej.num_rows, pa.string()),
-                    "reason": rej.column(REJECT_COLUMN),
-                    SOURCE_COLUMN: rej.column(SOURCE_COLUMN),
-                    ROW_COLUMN: rej.column(ROW_COLUMN),
-                }
-                cols.update({c: rej.column(c) for c in self.keep_columns if c in rej.column_names})
-                bad.append(pa.table(cols))
+                bad.append(self._bad(table.filter(pa.array(~ok))))
         if not stats.rows:
             return stats
         # One file per write task (Ray bundles >= rows_per_file rows into each). The name is deterministic, so
@@ -162,11 +203,11 @@ class EmbeddingSink(Datasink):
         if good:
             table = pa.concat_tables(good, promote_options="permissive")
             stats.written = table.num_rows
-            record["file"] = self._write_table(table, name + ".parquet")
+            record["file"] = self._write_table(table, f"{name}.{self.output_format}", self.output_format)
             stats.files.append(record["file"])
         if bad:
             rej = pa.concat_tables(bad, promote_options="permissive")
-            record["rejects"] = self._write_table(rej, posixpath.join(REJECTS_DIR, name + ".parquet"))
+            record["rejects"] = self._write_table(rej, posixpath.join(REJECTS_DIR, name + ".parquet"), "parquet")
         record.update(
             rows=stats.rows,
             written=stats.written,

@@ -19,6 +19,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 REJECT_COLUMN = "_reject"
 VALIDATION_REASONS = ("id_null", "id_duplicate", "text_null", "text_not_string", "text_empty", "column_missing:<name>")
@@ -120,6 +121,9 @@ def validate_rows(
     else:
         reasons = reject_reasons(batch[cfg.id_column], batch[cfg.text_column])
         ids = batch[cfg.id_column]
+    earlier = batch.get(REJECT_COLUMN)  # set by the reader (e.g. a JSONL line that is not valid JSON)
+    if earlier is not None:
+        reasons = np.where(earlier != "", earlier, reasons).astype(object)
     if registry:
         import ray
 
@@ -135,3 +139,91 @@ def validate_rows(
             reasons[valid[sel[~first]]] = "id_duplicate"
     batch[REJECT_COLUMN] = reasons
     return batch
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingRowsConfig:
+    """Columns of KaLM/FlagEmbedding training rows: ``{query, pos: [..], neg: [..], prompt?}``."""
+
+    query_column: str = "query"
+    pos_column: str = "pos"
+    neg_column: str = "neg"
+
+
+def _list_problem(value, name: str, *, required: bool) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return f"{name}_missing" if required else ""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        return f"{name}_not_list"
+    if required and len(value) == 0:
+        return f"{name}_empty"
+    for item in value:
+        if _is_null(item):
+            return f"{name}_text_null"
+        if not isinstance(item, str):
+            return f"{name}_text_not_string"
+        if not item.strip():
+            return f"{name}_text_empty"
+    return ""
+
+
+def training_reject_reasons(queries, pos, neg) -> np.ndarray:
+    """Per-row reason a training row cannot be scored, "" when it can. neg may be None (no column): no negatives."""
+    n = len(queries)
+    out = np.full(n, "", dtype=object)
+    for i in range(n):
+        q = queries[i]
+        if _is_null(q):
+            out[i] = "query_missing"
+        elif not isinstance(q, str):
+            out[i] = "query_not_string"
+        elif not q.strip():
+            out[i] = "query_empty"
+        else:
+            out[i] = _list_problem(pos[i] if pos is not None else None, "pos", required=True) or (
+                _list_problem(neg[i], "neg", required=False) if neg is not None else ""
+            )
+    return out
+
+
+def validate_training_rows(batch: dict[str, np.ndarray], *, cfg: TrainingRowsConfig) -> dict[str, np.ndarray]:
+    """Mark training rows that cannot be scored in ``_reject``; a reason the reader already set is kept."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    if cfg.query_column not in batch:
+        reasons = np.full(n, "query_missing", dtype=object)
+    else:
+        queries, pos, neg = batch[cfg.query_column], batch.get(cfg.pos_column), batch.get(cfg.neg_column)
+        reasons = training_reject_reasons(queries, pos, neg)
+    earlier = batch.get(REJECT_COLUMN)
+    if earlier is not None:
+        reasons = np.where(earlier != "", earlier, reasons).astype(object)
+    batch[REJECT_COLUMN] = reasons
+    for col in (cfg.pos_column, cfg.neg_column):
+        if col in batch:  # numpy arrays inside an object column would be stored as pickled objects by Ray
+            values = np.empty(n, dtype=object)
+            values[:] = [v.tolist() if isinstance(v, np.ndarray) else v for v in batch[col]]
+            if col == cfg.neg_column:  # a valid row without negatives gets [] (a block of only such rows reads null)
+                for i in np.flatnonzero((reasons == "") & np.array([v is None for v in values], dtype=bool)):
+                    values[i] = []
+            batch[col] = values
+    return batch
+
+
+def typed_table(batch: dict[str, np.ndarray], list_types: dict[str, pa.DataType]) -> pa.Table:
+    """A batch as an Arrow table with the list columns typed explicitly. Left to inference, a block whose lists are
+    all empty or null becomes list<null>, and blocks of different list types then fail to concatenate."""
+    cols = {}
+    for name, values in batch.items():
+        if name in list_types:
+            cols[name] = pa.array([None if v is None else list(v) for v in values], type=list_types[name])
+        elif isinstance(values, np.ndarray) and values.dtype != object:
+            cols[name] = pa.array(values)
+        else:
+            cols[name] = pa.array(list(values))
+    return pa.table(cols)
+
+
+def validate_training_table(batch: dict[str, np.ndarray], *, cfg: TrainingRowsConfig) -> pa.Table:
+    """``validate_training_rows`` for Ray: returns a table whose pos/neg columns are list<string>."""
+    out = validate_training_rows(batch, cfg=cfg)
+    return typed_table(out, {c: pa.list_(pa.string()) for c in (cfg.pos_column, cfg.neg_column) if c in out})

@@ -50,6 +50,23 @@ EMBED_HELP = {
 }
 
 
+SCORE_HELP = {
+    "input": "KaLM/FlagEmbedding training rows {query, pos, neg, prompt?}: JSONL or Parquet, local or s3:// "
+    "(default: the bundled sample)",
+    "output": "output folder or s3://bucket/prefix (default: kalm-out/score)",
+    "output_format": "jsonl (FlagEmbedding) or parquet",
+    "teacher": "local teacher model folder (default: the bundled all-mpnet-base-v2)",
+    "teacher_kind": "bi-encoder (cosine of pooled embeddings) or cross-encoder (sequence classification logit)",
+    "query_prompt": "bi-encoder query template with {task}/{text} (default: KaLM's; none for the bundled teacher)",
+    "pair_template": "cross-encoder input as one text, e.g. '{query} [SEP] {document}' (default: tokenizer pairs)",
+    "activation": "cross-encoder score: none (raw logit) or sigmoid",
+    "temperature": "also write teacher_probs = softmax([pos_scores, neg_scores] / temperature), e.g. 0.05",
+    "num_gpus": "GPUs per teacher replica (default: 1 if the cluster has GPUs)",
+    "overwrite": EMBED_HELP["overwrite"],
+    "storage_endpoint": EMBED_HELP["storage_endpoint"],
+}
+
+
 def _flag_type(hint):
     if typing.get_origin(hint) is tuple:
         return str  # comma-separated; config._coerce splits and types the items
@@ -84,6 +101,7 @@ def overrides_from(ns: argparse.Namespace, cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.embed import EmbedJobConfig
+    from pipelines.score import ScoreJobConfig
 
     parser = argparse.ArgumentParser(prog="kalm", description="KaLM-style embedding pipelines on Ray Data")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of embed settings (flags override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     add_config_flags(p, EmbedJobConfig, EMBED_HELP)
+    s = sub.add_parser("score", help="teacher scores (pos_scores/neg_scores) for {query, pos, neg} training rows")
+    s.add_argument("--config", help="YAML file of score settings (flags override it)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    add_config_flags(s, ScoreJobConfig, SCORE_HELP)
     b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
     b.add_argument("--input", help="texts to embed (default: the bundled corpus)")
     b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2)")
@@ -108,18 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if ns.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if ns.command == "embed":
-            from pipelines import embed
+        if ns.command in ("embed", "score"):
+            from pipelines import embed, score
 
-            job = config_mod.load(embed.EmbedJobConfig, ns.config, overrides_from(ns, embed.EmbedJobConfig))
+            module = embed if ns.command == "embed" else score
+            cls = embed.EmbedJobConfig if ns.command == "embed" else score.ScoreJobConfig
+            job = config_mod.load(cls, ns.config, overrides_from(ns, cls))
             if ns.print_config:
                 print(json.dumps(config_mod.to_dict(job), indent=2))
                 return 0
-            manifest = embed.run(job)
+            manifest = module.run(job)
             c, a = manifest["counts"], manifest["attempt"]
             resumed = f"; resumed: {a['rows_already_committed']} rows were already committed" if a["number"] else ""
+            verb = "embedded" if ns.command == "embed" else "scored"
             print(
-                f"embedded {c['rows_out']} of {c['rows_in']} rows ({c['rows_rejected']} rejected "
+                f"{verb} {c['rows_out']} of {c['rows_in']} rows ({c['rows_rejected']} rejected "
                 f"{c['rejected_by_reason']}, {c['rows_truncated']} truncated) in "
                 f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}{resumed}"
             )

@@ -6,28 +6,23 @@ Run it as ``kalm embed ...`` or ``python -m pipelines.embed ...`` (the form a Ra
 from __future__ import annotations
 
 import logging
-import platform
 import sys
-import time
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Literal
 
-from operators import ledger
 from operators.embed import EmbedConfig, Embedder
 from operators.io import InputError, InputFiles, check_columns, read_input, resolve_input
 from operators.model import inspect_model, weights_sha256
-from operators.sink import EmbeddingSink
+from operators.sink import RowSink
 from operators.storage import StorageConfig
 from operators.tokenize import TokenizeConfig, Tokenizer
 from operators.validate import IdRegistry, ValidateConfig, validate_rows
 from pipelines import defaults
 from pipelines.config import ConfigError, to_dict
-from pipelines.output import Output, open_output, preload_registry
-from pipelines.runtime import cluster_gpus, ray_session
+from pipelines.job import execute
+from pipelines.output import Output, preload_registry
 
 logger = logging.getLogger(__name__)
-PACKAGES = ("kalm-pipeline", "ray", "torch", "transformers", "tokenizers", "pyarrow", "numpy")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,16 +222,6 @@ def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:
     return out
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def build_dataset(p: EmbedPlan, out: Output):
     """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors); None if all is done.
 
@@ -295,73 +280,63 @@ def build_dataset(p: EmbedPlan, out: Output):
 def run(job: EmbedJobConfig) -> dict:
     """Run the job, or resume it where an earlier attempt stopped; returns the manifest (also written to
     ``{output}/_manifest.json``), whose counts cover every attempt."""
-    t_start = time.perf_counter()
     p = plan(job)  # first pass: everything that needs no cluster, so bad input fails before Ray starts
     weights_hash = weights_sha256(p.embed.model)
-    out = open_output(p.output, job.storage(), fingerprint(p, weights_hash), overwrite=job.overwrite)
-    rows_before = out.state.rows()
-    with ray_session(job.address) as ray_start_s:
-        p = plan(job, gpus_in_cluster=cluster_gpus(), inp=p.input)
-        keep = tuple(c for c in job.keep_columns if c != job.id_column)
-        sink = EmbeddingSink(
+    keep = tuple(c for c in job.keep_columns if c != job.id_column)
+    resolved = {}
+
+    def build(out, gpus):
+        q = plan(job, gpus_in_cluster=gpus, inp=p.input)
+        resolved["plan"] = q
+        sink = RowSink(
             out.root,
+            columns=(job.id_column, *q.embed.columns, *keep),
+            vector_columns=q.embed.columns,
             id_column=job.id_column,
-            vector_columns=p.embed.columns,
-            keep_columns=keep,
-            rows_per_file=job.rows_per_file or rows_per_file(p.embed),
+            reject_columns=keep,
+            rows_per_file=job.rows_per_file or rows_per_file(q.embed),
             filesystem=out.fs,
             attempt=out.attempt,
         )
-        t_pipe = time.perf_counter()
-        ds = build_dataset(p, out)
-        if ds is not None:
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": job.io_num_cpus})
-        else:
-            logger.info("every input row of %s is already committed; nothing to do", p.output)
-        pipeline_s = time.perf_counter() - t_pipe
-    state = out.finish([p.input.source(f) for f in p.input.files])
-    this_run = sink.stats.as_dict()
-    manifest = {
-        "command": "embed",
-        "counts": state.counts(),
-        "files": sorted(f for f in state.files() if not f.startswith(ledger.REJECTS_DIR)),
-        "columns": {"id": job.id_column, "vectors": list(p.embed.columns), "kept": list(keep)},
-        "model": {
-            "name": p.embed.model.name,
-            "path": p.embed.model.path,
-            "weights_sha256": weights_hash,
-            "hidden_size": p.embed.model.hidden_size,
-        },
-        "config": to_dict(job),
-        "resolved": {
-            "input": job.input_uri(),
-            "input_format": p.input.format,
-            "input_files": len(p.input.files),
-            "output": p.output,
-            "max_length": p.tokenize.max_length,
-            "prompt": p.tokenize.prompt,
-            "pooling": p.embed.pooling,
-            "num_gpus": p.embed.num_gpus,
-            "replicas": p.embed.replicas,
-            "max_tokens": p.embed.max_tokens,
-        },
-        "attempt": {
-            "number": out.attempt,
-            "rows_already_committed": rows_before,
-            "input_files_skipped": len(out.state.complete()),
-            "rows_processed": this_run["rows_in"],
-            "orphans_removed": out.removed,
-        },
-        "versions": versions(),
-        "timings_s": {
-            "ray_start": round(ray_start_s, 3),
-            "pipeline": round(pipeline_s, 3),
-            "total": round(time.perf_counter() - t_start, 3),
-            "rows_per_s": round(this_run["rows_in"] / pipeline_s, 2) if pipeline_s > 0 else None,
-        },
-    }
-    out.write_manifest(manifest)
-    return manifest
+        return build_dataset(q, out), sink
+
+    def describe() -> dict:
+        q = resolved["plan"]
+        return {
+            "columns": {"id": job.id_column, "vectors": list(q.embed.columns), "kept": list(keep)},
+            "model": {
+                "name": q.embed.model.name,
+                "path": q.embed.model.path,
+                "weights_sha256": weights_hash,
+                "hidden_size": q.embed.model.hidden_size,
+            },
+            "resolved": {
+                "input": job.input_uri(),
+                "input_format": q.input.format,
+                "input_files": len(q.input.files),
+                "output": q.output,
+                "max_length": q.tokenize.max_length,
+                "prompt": q.tokenize.prompt,
+                "pooling": q.embed.pooling,
+                "num_gpus": q.embed.num_gpus,
+                "replicas": q.embed.replicas,
+                "max_tokens": q.embed.max_tokens,
+            },
+        }
+
+    return execute(
+        "embed",
+        inp=p.input,
+        output=p.output,
+        storage=job.storage(),
+        fingerprint=fingerprint(p, weights_hash),
+        overwrite=job.overwrite,
+        address=job.address,
+        io_num_cpus=job.io_num_cpus,
+        build=build,
+        describe=describe,
+        config=to_dict(job),
+    )
 
 
 if __name__ == "__main__":

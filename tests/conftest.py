@@ -46,7 +46,7 @@ def make_tokenizer(path: Path, *, kind: str) -> None:
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     else:
@@ -84,6 +84,27 @@ def tiny_bert(tmp_path_factory) -> str:
         max_position_embeddings=64,
     )
     return _save(BertModel(cfg).eval(), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory) -> str:
+    """A random BertForSequenceClassification (one logit), the shape of an ms-marco cross-encoder."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-cross")
+    make_tokenizer(path, kind="bert")
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=1,
+    )
+    return _save(BertForSequenceClassification(cfg).eval(), path)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,257 @@
+"""TeacherScorer: teacher scores for (query, candidate) pairs, the soft labels of KaLM-style distillation.
+
+Needs ``query``, ``pos`` (list of texts), ``neg`` (list of texts, may be empty) and ``_reject`` (from
+``validate_training_rows``); optional per-row ``prompt``. Adds ``pos_scores`` and ``neg_scores`` aligned with
+``pos`` and ``neg`` (FlagEmbedding's names) and, with a temperature, ``teacher_probs`` = softmax over
+[pos..., neg...] / temperature. Rejected rows pass through with empty score lists. Returns an Arrow table with
+the list columns typed (list<string>, list<double>), so blocks always concatenate.
+
+- ``bi-encoder`` (what KaLM V2.5 used): queries with their instruction prompt, documents with the document prompt
+  (none by default), pooled as the embedder does, L2-normalised: the score is the cosine. Each distinct query and
+  document text of a batch is embedded once.
+- ``cross-encoder``: ``AutoModelForSequenceClassification`` on (query, document) pairs, the tokenizer's own
+  pair encoding (or ``pair_template`` as one text); the first logit, raw or through a sigmoid. Each distinct
+  pair of a batch is scored once.
+
+All texts (or pairs) of a batch are length-sorted and packed by a padded-token budget, then folded back into their
+rows in order. Tokenisation runs inside this actor (Rust, batched): a bi-encoder deduplicates texts before
+tokenising, which a separate tokenizer stage could not do without shipping every candidate's ids between actors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from operators.embed import EmbedConfig, Embedder
+from operators.model import (
+    COMPUTE_DTYPES,
+    ModelInfo,
+    cpu_threads,
+    load_model,
+    load_tokenizer,
+    select_device,
+    to_device,
+)
+from operators.pooling import POOLINGS, l2_normalize, pad_ids, plan_token_batches
+from operators.tokenize import apply_prompt
+from operators.validate import REJECT_COLUMN, typed_table
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("bi-encoder", "cross-encoder")
+ACTIVATIONS = ("none", "sigmoid")
+SCORE_COLUMNS = ("pos_scores", "neg_scores")
+PROBS_COLUMN = "teacher_probs"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    model: ModelInfo
+    kind: str = "bi-encoder"
+    query_column: str = "query"
+    pos_column: str = "pos"
+    neg_column: str = "neg"
+    prompt_column: str = "prompt"  # a row's own query instruction (FlagEmbedding), prepended to its query
+    query_prompt: str | None = None  # template with {text}, or a prefix; used when a row has no prompt
+    document_prompt: str | None = None
+    pair_template: str | None = None  # cross-encoder: e.g. "{query} [SEP] {document}"; None: the tokenizer's pairs
+    max_length: int = 512
+    pooling: str = "mean"
+    activation: str = "none"
+    temperature: float | None = None  # adds teacher_probs
+    compute_dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    bidirectional: bool = False
+    trust_remote_code: bool = False
+    device: str = "auto"
+    max_tokens: int = 2048
+    max_rows: int = 64
+    batch_size: int = 256  # rows per actor call
+    replicas: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    torch_threads: int | None = None
+
+    def __post_init__(self):
+        for name, value, valid in (
+            ("kind", self.kind, KINDS),
+            ("activation", self.activation, ACTIVATIONS),
+            ("pooling", self.pooling, POOLINGS),
+            ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        t = self.pair_template
+        if t is not None and not ("{query}" in t and "{document}" in t):
+            raise ValueError(f"pair_template must contain {{query}} and {{document}}, got {self.pair_template!r}")
+        if self.kind == "bi-encoder" and self.activation != "none":
+            raise ValueError("activation applies to cross-encoders; a bi-encoder's score is the cosine")
+        if self.max_length < 2 or self.max_tokens < self.max_length or self.max_rows < 1 or self.batch_size < 1:
+            raise ValueError("need max_length >= 2, max_tokens >= max_length, max_rows >= 1 and batch_size >= 1")
+
+    def embed_config(self) -> EmbedConfig:
+        return EmbedConfig(
+            model=self.model,
+            pooling=self.pooling,
+            compute_dtype=self.compute_dtype,
+            attn_implementation=self.attn_implementation,
+            bidirectional=self.bidirectional,
+            trust_remote_code=self.trust_remote_code,
+            device=self.device,
+            max_tokens=self.max_tokens,
+            max_rows=self.max_rows,
+            replicas=self.replicas,
+            num_gpus=self.num_gpus,
+            num_cpus=self.num_cpus,
+            torch_threads=self.torch_threads,
+        )
+
+
+def flatten_pairs(pos: list[list], neg: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, candidates = pos + neg. -> row of each pair [P], #pos per row [N], #neg per row [N]."""
+    n_pos = np.array([len(p) for p in pos], dtype=np.int64)
+    n_neg = np.array([len(x) for x in neg], dtype=np.int64)
+    return np.repeat(np.arange(len(pos)), n_pos + n_neg), n_pos, n_neg
+
+
+def fold_scores(scores: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray) -> tuple[list, list]:
+    """Pair scores [P] in flatten_pairs order -> per row (pos scores [n_pos], neg scores [n_neg])."""
+    ends = np.cumsum(n_pos + n_neg)
+    starts = ends - n_pos - n_neg
+    pos = [scores[s : s + p] for s, p in zip(starts, n_pos)]
+    neg = [scores[s + p : e] for s, p, e in zip(starts, n_pos, ends)]
+    return pos, neg
+
+
+def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """[K] -> [K] probabilities of softmax(scores / temperature), computed stably in float64."""
+    z = np.asarray(scores, dtype=np.float64) / temperature
+    if len(z) == 0:
+        return z
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def _texts(values) -> list[str]:
+    return [] if values is None else [str(v) for v in values]
+
+
+class TeacherScorer:
+    def __init__(self, cfg: TeacherConfig):
+        import torch
+
+        self.cfg, self.torch = cfg, torch
+        backend = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code).backend_tokenizer
+        backend.no_padding()
+        backend.enable_truncation(max_length=cfg.max_length)  # pairs: longest_first, as HF's own default
+        self.tokenizer = backend
+        if cfg.kind == "bi-encoder":
+            self.embedder = Embedder(cfg.embed_config())
+        else:
+            self.device = select_device(cfg.device, cfg.num_gpus)
+            self.threads = cpu_threads(cfg.torch_threads, cfg.replicas) if self.device == "cpu" else None
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            self.model = load_model(
+                cfg.model,
+                device=self.device,
+                compute_dtype=cfg.compute_dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                auto_class="AutoModelForSequenceClassification",
+            )
+            self.uses_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+
+    def _ids(self, texts: list) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(texts)] if texts else []
+
+    def _bi_scores(self, queries: list[str], docs: list[str]) -> np.ndarray:
+        """Cosine of each (query, doc) pair [P]; each distinct text embedded once."""
+        uq, q_of = np.unique(np.array(queries, dtype=object), return_inverse=True)
+        ud, d_of = np.unique(np.array(docs, dtype=object), return_inverse=True)
+        q = l2_normalize(self.embedder.pooled(self._ids(list(uq))))  # [Q, H]
+        d = l2_normalize(self.embedder.pooled(self._ids(list(ud))))  # [D, H]
+        return np.einsum("ph,ph->p", q[q_of], d[d_of])
+
+    def _cross_forward(self, encs: list) -> np.ndarray:
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+        tokens, mask = pad_ids(ids)
+        inputs = dict(zip(("input_ids", "attention_mask"), to_device(self.device, tokens, mask)))
+        if self.uses_token_types:
+            types, _ = pad_ids([np.asarray(e.type_ids, dtype=np.int64) for e in encs])
+            (inputs["token_type_ids"],) = to_device(self.device, types)
+        with self.torch.inference_mode():
+            logits = self.model(**inputs).logits[:, 0].float()
+            if self.cfg.activation == "sigmoid":
+                logits = self.torch.sigmoid(logits)
+        return logits.cpu().numpy()
+
+    def _cross_scores(self, queries: list[str], docs: list[str]) -> np.ndarray:
+        """Score of each (query, doc) pair [P]; each distinct pair scored once."""
+        if self.threads and self.torch.get_num_threads() != self.threads:
+            self.torch.set_num_threads(self.threads)  # per calling thread (see Embedder.set_threads)
+        unique = list(dict.fromkeys(zip(queries, docs)))
+        index = {pair: i for i, pair in enumerate(unique)}
+        t = self.cfg.pair_template
+        inputs = [t.replace("{query}", q).replace("{document}", d) for q, d in unique] if t else unique
+        encs = self.tokenizer.encode_batch(inputs)
+        scores = np.zeros(len(unique), dtype=np.float32)
+        lengths = np.array([len(e.ids) for e in encs])
+        for group in plan_token_batches(lengths, self.cfg.max_tokens, self.cfg.max_rows):
+            scores[group] = self._cross_forward([encs[i] for i in group])
+        return scores[[index[p] for p in zip(queries, docs)]]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        cfg = self.cfg
+        if cfg.kind == "bi-encoder":
+            self.embedder.set_threads()
+        reasons = batch[REJECT_COLUMN]
+        n = len(reasons)
+        rows = np.flatnonzero(reasons == "")
+        prompts = batch.get(cfg.prompt_column)
+        queries = []
+        for i in rows:
+            own = prompts[i] if prompts is not None and isinstance(prompts[i], str) and prompts[i] else None
+            text = batch[cfg.query_column][i]
+            queries.append(own + text if own else apply_prompt(cfg.query_prompt, text))
+        pos = [_texts(batch[cfg.pos_column][i]) for i in rows]
+        neg = [_texts(batch[cfg.neg_column][i]) if cfg.neg_column in batch else [] for i in rows]
+        row_of, n_pos, n_neg = flatten_pairs(pos, neg)
+        pair_queries = [queries[r] for r in row_of]
+        pair_docs = [d for p, x in zip(pos, neg) for d in (*p, *x)]
+        if cfg.kind == "bi-encoder":
+            pair_docs = [apply_prompt(cfg.document_prompt, d) for d in pair_docs]
+        if not pair_docs:
+            scores = np.zeros(0, dtype=np.float32)
+        elif cfg.kind == "bi-encoder":
+            scores = self._bi_scores(pair_queries, pair_docs)
+        else:
+            scores = self._cross_scores(pair_queries, pair_docs)
+        pos_s, neg_s = fold_scores(scores.astype(np.float64), n_pos, n_neg)
+        # Python lists, so Arrow stores list<double> (numpy arrays would become Ray's tensor extension type).
+        out = {c: np.empty(n, dtype=object) for c in (*SCORE_COLUMNS, PROBS_COLUMN)}
+        for col in out.values():
+            col[:] = [[] for _ in range(n)]
+        for k, i in enumerate(rows):
+            out["pos_scores"][i], out["neg_scores"][i] = pos_s[k].tolist(), neg_s[k].tolist()
+            if cfg.temperature is not None:
+                out[PROBS_COLUMN][i] = softmax(np.concatenate([pos_s[k], neg_s[k]]), cfg.temperature).tolist()
+        # The lists exactly as scored, as plain lists (an all-empty list column can come back from Arrow as None).
+        for col, lists in ((cfg.pos_column, pos), (cfg.neg_column, neg)):
+            values = np.empty(n, dtype=object)
+            values[:] = list(batch[col]) if col in batch else [None] * n
+            for k, i in enumerate(rows):
+                values[i] = lists[k]
+            batch[col] = values
+        batch.update(pos_scores=out["pos_scores"], neg_scores=out["neg_scores"])
+        if cfg.temperature is not None:
+            batch[PROBS_COLUMN] = out[PROBS_COLUMN]
+        texts, floats = pa.list_(pa.string()), pa.list_(pa.float64())
+        types = {cfg.pos_column: texts, cfg.neg_column: texts, "pos_scores": floats, "neg_scores": floats}
+        return typed_table(batch, {**types, PROBS_COLUMN: floats})

@@ -1,0 +1,88 @@
+"""What every ``kalm`` pipeline does around its own stages: claim the output (fresh, resume or refuse), run the
+Ray Dataset into its sink, check exactly-once, and write the manifest. Each pipeline supplies ``build``."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable
+from importlib import metadata
+
+from operators import ledger
+from operators.io import InputFiles
+from operators.sink import RowSink
+from operators.storage import StorageConfig
+from pipelines.output import open_output
+from pipelines.runtime import cluster_gpus, ray_session
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("kalm-pipeline", "ray", "torch", "transformers", "tokenizers", "pyarrow", "numpy")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def execute(
+    command: str,
+    *,
+    inp: InputFiles,
+    output: str,
+    storage: StorageConfig,
+    fingerprint: dict,
+    overwrite: bool,
+    address: str | None,
+    io_num_cpus: float,
+    build: Callable,
+    describe: Callable[[], dict],
+    config: dict,
+) -> dict:
+    """Run one attempt and return the manifest (also written to ``{output}/_manifest.json``).
+
+    ``build(out, gpus_in_cluster) -> (dataset or None, RowSink)`` is called inside the Ray session; ``describe()``
+    adds the pipeline's own manifest sections after the run.
+    """
+    t_start = time.perf_counter()
+    out = open_output(output, storage, fingerprint, overwrite=overwrite)
+    with ray_session(address) as ray_start_s:
+        ds, sink = build(out, cluster_gpus())
+        assert isinstance(sink, RowSink)
+        t_pipe = time.perf_counter()
+        if ds is not None:
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": io_num_cpus})
+        else:
+            logger.info("every input row of %s is already committed; nothing to do", output)
+        pipeline_s = time.perf_counter() - t_pipe
+    state = out.finish([inp.source(f) for f in inp.files])
+    this_run = sink.stats.as_dict()
+    manifest = {
+        "command": command,
+        "counts": state.counts(),
+        "files": sorted(f for f in state.files() if not f.startswith(ledger.REJECTS_DIR)),
+        **describe(),
+        "config": config,
+        "attempt": {
+            "number": out.attempt,
+            "rows_already_committed": out.state.rows(),
+            "input_files_skipped": len(out.state.complete()),
+            "rows_processed": this_run["rows_in"],
+            "orphans_removed": out.removed,
+        },
+        "versions": versions(),
+        "timings_s": {
+            "ray_start": round(ray_start_s, 3),
+            "pipeline": round(pipeline_s, 3),
+            "total": round(time.perf_counter() - t_start, 3),
+            "rows_per_s": round(this_run["rows_in"] / pipeline_s, 2) if pipeline_s > 0 else None,
+        },
+    }
+    out.write_manifest(manifest)
+    return manifest

@@ -1,0 +1,232 @@
+"""``kalm score``: teacher soft labels for training rows: read -> validate -> TeacherScorer -> write -> manifest.
+
+Rows in the KaLM/FlagEmbedding form ``{query, pos: [..], neg: [..], prompt?}`` come back with ``pos_scores`` and
+``neg_scores`` aligned with ``pos`` and ``neg`` (and ``teacher_probs`` with ``--temperature``), as JSONL (what
+FlagEmbedding's trainers read) or Parquet. Same storage, exactly-once and resume behaviour as ``kalm embed``.
+Run it as ``kalm score ...`` or ``python -m pipelines.score ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from operators.io import InputError, InputFiles, read_input, resolve_input
+from operators.model import inspect_model, weights_sha256
+from operators.sink import RowSink
+from operators.storage import StorageConfig
+from operators.teacher import TeacherConfig, TeacherScorer
+from operators.validate import TrainingRowsConfig, validate_training_table
+from pipelines import defaults
+from pipelines.config import ConfigError, to_dict
+from pipelines.job import execute
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreJobConfig:
+    input: str | None = None  # JSONL/Parquet training rows; default: the bundled sample as {query, pos, neg}
+    output: str | None = None  # default: kalm-out/score
+    format: str | None = None  # input format; default from file names
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    teacher: str | None = None  # local model folder; default: the bundled all-mpnet-base-v2
+    teacher_kind: Literal["bi-encoder", "cross-encoder"] = "bi-encoder"
+    query_column: str = "query"
+    pos_column: str = "pos"
+    neg_column: str = "neg"
+    prompt_column: str = "prompt"
+    task: str = defaults.DEFAULT_TASK
+    # Bi-encoder query template; None: KaLM's, except for the bundled teacher, which was trained without one.
+    query_prompt: str | None = None
+    document_prompt: str = ""
+    pair_template: str | None = None  # cross-encoder; None: the tokenizer's own (query, document) pair encoding
+    max_length: int | None = None  # default: the teacher's sentence-transformers max_seq_length, else 512
+    pooling: str | None = None  # bi-encoder; default: the teacher's sentence-transformers pooling, else mean
+    activation: Literal["none", "sigmoid"] = "none"
+    temperature: float | None = None  # adds teacher_probs = softmax([pos_scores, neg_scores] / temperature)
+    compute_dtype: str = "auto"
+    bidirectional: bool = False
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    num_gpus: float | None = None  # per teacher replica; default 1 when the cluster has GPUs, else 0
+    replicas: int | None = None
+    max_tokens: int | None = None  # default 65536 on GPU, 2048 on CPU (as kalm embed)
+    max_rows: int | None = None
+    batch_size: int = 256  # training rows per actor call (each holds 1 + len(pos) + len(neg) texts)
+    scorer_num_cpus: float | None = None  # default 1 on GPU, 0.5 on CPU
+    io_num_cpus: float = 0.25
+    block_mb: float = 8.0
+    rows_per_file: int = 20_000  # ~30-100 MB of JSONL training rows per file
+    overwrite: bool = False
+    address: str | None = None
+    storage_endpoint: str | None = None
+    storage_region: str | None = None
+    storage_retries: int = 10
+
+    def __post_init__(self):
+        if self.rows_per_file < 1 or self.batch_size < 1 or self.block_mb <= 0 or self.io_num_cpus <= 0:
+            raise ValueError("rows_per_file, batch_size, block_mb and io_num_cpus must be positive")
+        self.storage()
+
+    def storage(self) -> StorageConfig:
+        return StorageConfig(endpoint=self.storage_endpoint, region=self.storage_region, retries=self.storage_retries)
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    job: ScoreJobConfig
+    input: InputFiles
+    output: str
+    rows: TrainingRowsConfig
+    teacher: TeacherConfig
+
+
+OUTPUT_SETTINGS = (
+    "format", "output_format", "teacher_kind", "query_column", "pos_column", "neg_column", "prompt_column", "task",
+    "query_prompt", "document_prompt", "pair_template", "max_length", "pooling", "activation", "temperature",
+    "compute_dtype", "bidirectional",
+)  # fmt: skip
+
+
+def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: InputFiles | None = None) -> ScorePlan:
+    """Resolve defaults and check everything that needs no cluster: input columns, teacher, ranges."""
+    try:
+        info = inspect_model(job.teacher or defaults.default_teacher(), allow_pickle=job.allow_pickle)
+        inp = inp or resolve_input(job.input or defaults.sample_pairs(), job.format, job.storage())
+        found = inp.schema.names
+        missing = [c for c in (job.query_column, job.pos_column) if c not in found]
+        if missing:
+            raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}")
+        num_gpus = job.num_gpus if job.num_gpus is not None else (1.0 if (gpus_in_cluster or 0) > 0 else 0.0)
+        if num_gpus > 0 and gpus_in_cluster == 0 and job.replicas is None:
+            raise ValueError(f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0")
+        replicas = job.replicas or (max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1)
+        query_prompt = job.query_prompt
+        if query_prompt is None:
+            query_prompt = "" if job.teacher is None else defaults.KALM_QUERY_PROMPT
+        teacher = TeacherConfig(
+            model=info,
+            kind=job.teacher_kind,
+            query_column=job.query_column,
+            pos_column=job.pos_column,
+            neg_column=job.neg_column,
+            prompt_column=job.prompt_column,
+            query_prompt=query_prompt.replace("{task}", job.task) if job.teacher_kind == "bi-encoder" else None,
+            document_prompt=job.document_prompt or None,
+            pair_template=job.pair_template,
+            max_length=job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512),
+            pooling=job.pooling or info.st_pooling or "mean",
+            activation=job.activation,
+            temperature=job.temperature,
+            compute_dtype=job.compute_dtype,
+            bidirectional=job.bidirectional,
+            trust_remote_code=job.trust_remote_code,
+            device=job.device,
+            max_tokens=job.max_tokens or (65536 if num_gpus > 0 else 2048),
+            max_rows=job.max_rows or (2048 if num_gpus > 0 else 64),
+            batch_size=job.batch_size,
+            replicas=replicas,
+            num_gpus=num_gpus,
+            num_cpus=job.scorer_num_cpus if job.scorer_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
+        )
+        rows = TrainingRowsConfig(query_column=job.query_column, pos_column=job.pos_column, neg_column=job.neg_column)
+    except (InputError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    return ScorePlan(job, inp, job.output or f"{defaults.DEFAULT_OUTPUT}/score", rows, teacher)
+
+
+def build_dataset(p: ScorePlan, out):
+    from ray.data import ActorPoolStrategy, DataContext
+
+    job = p.job
+    DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
+    ds = read_input(
+        p.input,
+        add_ids=False,
+        id_column="",
+        columns=None,
+        num_cpus=job.io_num_cpus,
+        complete=out.state.complete(),
+        skip=out.state.partial(),
+        ledger_fs=out.fs,
+        ledger_root=out.root,
+    )
+    if ds is None:
+        return None
+    ds = ds.map_batches(
+        validate_training_table,
+        fn_kwargs={"cfg": p.rows},
+        batch_size=p.teacher.batch_size,
+        num_cpus=job.io_num_cpus,
+        udf_modifying_row_count=False,
+    )
+    return ds.map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs={"cfg": p.teacher},
+        batch_size=p.teacher.batch_size,
+        compute=ActorPoolStrategy(size=p.teacher.replicas),
+        num_gpus=p.teacher.num_gpus or None,
+        num_cpus=p.teacher.num_cpus,
+        udf_modifying_row_count=False,
+    )
+
+
+def run(job: ScoreJobConfig) -> dict:
+    """Score every valid training row (resuming an interrupted run); returns the manifest."""
+    p = plan(job)
+    weights_hash = weights_sha256(p.teacher.model)
+    settings = to_dict(job)
+    fingerprint = {k: settings[k] for k in OUTPUT_SETTINGS}
+    fingerprint.update(input=job.input or "bundled sample pairs", teacher_weights_sha256=weights_hash)
+    resolved = {}
+
+    def build(out, gpus):
+        q = plan(job, gpus_in_cluster=gpus, inp=p.input)
+        resolved["plan"] = q
+        sink = RowSink(
+            out.root,
+            output_format=job.output_format,
+            rows_per_file=job.rows_per_file,
+            filesystem=out.fs,
+            attempt=out.attempt,
+        )
+        return build_dataset(q, out), sink
+
+    def describe() -> dict:
+        t = resolved["plan"].teacher
+        return {
+            "teacher": {"name": t.model.name, "path": t.model.path, "kind": t.kind, "weights_sha256": weights_hash},
+            "resolved": {
+                "input": p.input.uri,
+                "input_format": p.input.format,
+                "output": p.output,
+                "output_format": job.output_format,
+                "max_length": t.max_length,
+                "query_prompt": t.query_prompt,
+                "pooling": t.pooling if t.kind == "bi-encoder" else None,
+                "num_gpus": t.num_gpus,
+                "replicas": t.replicas,
+                "max_tokens": t.max_tokens,
+            },
+        }
+
+    return execute(
+        "score",
+        inp=p.input,
+        output=p.output,
+        storage=job.storage(),
+        fingerprint=fingerprint,
+        overwrite=job.overwrite,
+        address=job.address,
+        io_num_cpus=job.io_num_cpus,
+        build=build,
+        describe=describe,
+        config=settings,
+    )
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.exit(main(["score", *sys.argv[1:]]))
