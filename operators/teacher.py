@@ -20,6 +20,7 @@ tokenising, which a separate tokenizer stage could not do without shipping every
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -166,7 +167,8 @@ class TeacherScorer:
                 trust_remote_code=cfg.trust_remote_code,
                 auto_class="AutoModelForSequenceClassification",
             )
-            self.uses_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+            # BERT-style cross-encoders need segment ids for the document half; MPNet, XLM-R... take none.
+            self.uses_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
 
     def _ids(self, texts: list) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(texts)] if texts else []

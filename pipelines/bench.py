@@ -99,7 +99,88 @@ def bench_pipeline(model: str, texts: list[str], repeat: int, workdir: Path) -> 
     }
 
 
+def cross_encoder_from(bi_encoder: str) -> str:
+    """A cross-encoder of the bi-encoder's size (its weights + a seeded one-logit head), saved once in the cache: the
+    same compute as a real cross-encoder of that shape, for benchmarking when no trained one is installed."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = defaults.cache_dir() / "models" / (Path(bi_encoder).name + "-cross-bench")
+    if not (target / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(bi_encoder, num_labels=1, local_files_only=True)
+        model.save_pretrained(target, safe_serialization=True)
+        AutoTokenizer.from_pretrained(bi_encoder, local_files_only=True).save_pretrained(target)
+    return str(target)
+
+
+def _marked(row: dict, copy: int) -> dict:
+    if copy == 0:
+        return row
+    mark = f" ({copy})"
+    return {"query": row["query"] + mark, "pos": [d + mark for d in row["pos"]], "neg": [d + mark for d in row["neg"]]}
+
+
+def bench_score(ns) -> dict:
+    """kalm score vs sentence-transformers on the same pairs: CrossEncoder.predict, or encode + cosine."""
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from pipelines.runtime import ray_session
+    from pipelines.score import ScoreJobConfig, run
+
+    kind = ns.score
+    teacher = ns.model or defaults.default_teacher()
+    if kind == "cross-encoder":
+        teacher = cross_encoder_from(teacher)
+    lines = Path(ns.input or defaults.sample_pairs()).read_text().splitlines()[: ns.score_rows]
+    rows = [json.loads(x) for x in lines]
+    pairs = [(r["query"], d) for r in rows for d in r["pos"] + r["neg"]]
+    result = {"teacher": teacher, "kind": kind, "rows": len(rows), "pairs": len(pairs),
+              "distinct_docs": len({d for _, d in pairs}), "torch_threads": torch.get_num_threads()}  # fmt: skip
+    t0 = time.perf_counter()
+    if kind == "cross-encoder":
+        ce = CrossEncoder(teacher, device="cpu", max_length=512)
+        ce.predict(pairs[:8], batch_size=ns.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        ce.predict(pairs, batch_size=ns.batch_size)
+    else:
+        st = SentenceTransformer(teacher, device="cpu")
+        st.encode([q for q, _ in pairs[:8]], batch_size=ns.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        q = st.encode([r["query"] for r in rows], batch_size=ns.batch_size, normalize_embeddings=True)
+        d = st.encode([d for _, d in pairs], batch_size=ns.batch_size, normalize_embeddings=True)
+        row_of = np.repeat(np.arange(len(rows)), [len(r["pos"]) + len(r["neg"]) for r in rows])
+        np.einsum("ph,ph->p", q[row_of], d)
+    st_s = time.perf_counter() - t0
+    result["sentence_transformers"] = {"seconds": round(st_s, 3), "pairs_per_s": round(len(pairs) / st_s, 2)}
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-") as tmp, ray_session() as ray_start:
+        for copies in (1, 3):
+            src = Path(tmp) / f"in-{copies}.jsonl"
+            # Copies differ by a marker on every text: identical copies would be embedded once (per-batch dedupe)
+            # and flatter the marginal rate.
+            src.write_text("".join(json.dumps(_marked(r, c)) + "\n" for c in range(copies) for r in rows))
+            job = ScoreJobConfig(input=str(src), output=f"{tmp}/out-{copies}", teacher=teacher, teacher_kind=kind,
+                                 query_prompt="", max_length=512 if kind == "cross-encoder" else None)  # fmt: skip
+            m = run(job)
+            runs[copies] = {"pairs": len(pairs) * copies, "seconds": m["timings_s"]["pipeline"]}
+    extra_s = runs[3]["seconds"] - runs[1]["seconds"]
+    steady = round(2 * len(pairs) / extra_s, 2) if extra_s > 0 else None
+    result["pipeline"] = {"ray_start_s": round(ray_start, 3), "runs": runs, "steady_pairs_per_s": steady,
+                          "end_to_end_pairs_per_s": round(runs[3]["pairs"] / runs[3]["seconds"], 2)}  # fmt: skip
+    result["ratio_pipeline_steady_over_sentence_transformers"] = (
+        round(steady / result["sentence_transformers"]["pairs_per_s"], 3) if steady else None
+    )
+    print(json.dumps(result, indent=2))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(ns) -> dict:
+    if getattr(ns, "score", None):
+        return bench_score(ns)
     model = ns.model or defaults.default_student()
     texts = _texts(ns.input)
     import torch

@@ -115,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     add_config_flags(s, ScoreJobConfig, SCORE_HELP)
     b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
-    b.add_argument("--input", help="texts to embed (default: the bundled corpus)")
-    b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2)")
+    b.add_argument("--input", help="texts to embed, or JSONL training rows with --score (default: the bundled sample)")
+    b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2, or all-mpnet-base-v2)")
     b.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     b.add_argument("--repeat", type=int, default=2, help="extra copies of the texts in the large pipeline run")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--score", choices=["bi-encoder", "cross-encoder"], help="measure kalm score instead of embed")
+    b.add_argument("--score-rows", type=int, default=100, help="training rows of the sample to score")
     return parser
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from operators.io import InputError, InputFiles, read_input, resolve_input
+from operators.lookup import IdColumns, build_store, resolve_texts
 from operators.model import inspect_model, weights_sha256
 from operators.sink import RowSink
 from operators.storage import StorageConfig
@@ -26,6 +27,15 @@ from pipelines.job import execute
 @dataclass(frozen=True, kw_only=True)
 class ScoreJobConfig:
     input: str | None = None  # JSONL/Parquet training rows; default: the bundled sample as {query, pos, neg}
+    # ID-keyed input (what mining writes): rows of query_id, pos_ids, neg_ids, with texts from these two tables.
+    queries: str | None = None  # table of query_id_column, query_column
+    corpus: str | None = None  # table of corpus_id_column, corpus_text_column
+    query_id_column: str = "query_id"
+    pos_ids_column: str = "pos_ids"
+    neg_ids_column: str = "neg_ids"
+    corpus_id_column: str = "id"
+    corpus_text_column: str = "text"
+    text_store_shards: int = 4  # actors holding the id -> text maps (see operators.lookup for the memory cost)
     output: str | None = None  # default: kalm-out/score
     format: str | None = None  # input format; default from file names
     output_format: Literal["jsonl", "parquet"] = "jsonl"
@@ -67,6 +77,12 @@ class ScoreJobConfig:
     def __post_init__(self):
         if self.rows_per_file < 1 or self.batch_size < 1 or self.block_mb <= 0 or self.io_num_cpus <= 0:
             raise ValueError("rows_per_file, batch_size, block_mb and io_num_cpus must be positive")
+        if (self.queries is None) != (self.corpus is None):
+            raise ValueError("ID-keyed input needs both --queries and --corpus (the tables its ids point into)")
+        if self.queries is not None and self.input is None:
+            raise ValueError("--queries/--corpus name the texts of an ID-keyed --input; give --input too")
+        if self.text_store_shards < 1:
+            raise ValueError(f"text_store_shards must be >= 1, got {self.text_store_shards}")
         self.storage()
 
     def storage(self) -> StorageConfig:
@@ -80,6 +96,16 @@ class ScorePlan:
     output: str
     rows: TrainingRowsConfig
     teacher: TeacherConfig
+    queries: InputFiles | None = None  # ID-keyed input only
+    corpus: InputFiles | None = None
+    ids: IdColumns | None = None
+
+    def output_columns(self) -> tuple[str, ...] | None:
+        """ID-keyed rows keep their ids and gain scores; the texts looked up for scoring are not written."""
+        if self.ids is None:
+            return None
+        extra = ("pos_scores", "neg_scores") + (("teacher_probs",) if self.teacher.temperature is not None else ())
+        return (*[c for c in self.input.schema.names if c not in extra], *extra)
 
 
 OUTPUT_SETTINGS = (
@@ -95,9 +121,24 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
         info = inspect_model(job.teacher or defaults.default_teacher(), allow_pickle=job.allow_pickle)
         inp = inp or resolve_input(job.input or defaults.sample_pairs(), job.format, job.storage())
         found = inp.schema.names
-        missing = [c for c in (job.query_column, job.pos_column) if c not in found]
+        queries = corpus = ids = None
+        if job.corpus is not None:
+            ids = IdColumns(query_id=job.query_id_column, pos_ids=job.pos_ids_column, neg_ids=job.neg_ids_column,
+                            query=job.query_column, pos=job.pos_column, neg=job.neg_column)  # fmt: skip
+            needed = [ids.query_id, ids.pos_ids]
+            queries = resolve_input(job.queries, None, job.storage())
+            corpus = resolve_input(job.corpus, None, job.storage())
+            for table, cols in ((queries, (job.query_id_column, job.query_column)),
+                                (corpus, (job.corpus_id_column, job.corpus_text_column))):  # fmt: skip
+                absent = [c for c in cols if c not in table.schema.names]
+                if absent:
+                    raise InputError(f"{table.files[0]}: missing column(s) {absent}; found {table.schema.names}")
+        else:
+            needed = [job.query_column, job.pos_column]
+        missing = [c for c in needed if c not in found]
         if missing:
-            raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}")
+            hint = "" if ids else " (for ID-keyed rows, also give --queries and --corpus)"
+            raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}{hint}")
         num_gpus = job.num_gpus if job.num_gpus is not None else (1.0 if (gpus_in_cluster or 0) > 0 else 0.0)
         if num_gpus > 0 and gpus_in_cluster == 0 and job.replicas is None:
             raise ValueError(f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0")
@@ -133,7 +174,8 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
         rows = TrainingRowsConfig(query_column=job.query_column, pos_column=job.pos_column, neg_column=job.neg_column)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
-    return ScorePlan(job, inp, job.output or f"{defaults.DEFAULT_OUTPUT}/score", rows, teacher)
+    output = job.output or f"{defaults.DEFAULT_OUTPUT}/score"
+    return ScorePlan(job, inp, output, rows, teacher, queries=queries, corpus=corpus, ids=ids)
 
 
 def build_dataset(p: ScorePlan, out):
@@ -154,6 +196,21 @@ def build_dataset(p: ScorePlan, out):
     )
     if ds is None:
         return None
+    if p.ids is not None:
+        shards, cpus = job.text_store_shards, job.io_num_cpus
+        stores = {
+            "queries": build_store(p.queries, id_column=job.query_id_column, text_column=job.query_column,
+                                   shards=shards, num_cpus=cpus),
+            "docs": build_store(p.corpus, id_column=job.corpus_id_column, text_column=job.corpus_text_column,
+                                shards=shards, num_cpus=cpus),
+        }  # fmt: skip
+        ds = ds.map_batches(
+            resolve_texts,
+            fn_kwargs={"cols": p.ids, **stores},
+            batch_size=p.teacher.batch_size,
+            num_cpus=job.io_num_cpus,
+            udf_modifying_row_count=False,
+        )
     ds = ds.map_batches(
         validate_training_table,
         fn_kwargs={"cfg": p.rows},
@@ -179,6 +236,7 @@ def run(job: ScoreJobConfig) -> dict:
     settings = to_dict(job)
     fingerprint = {k: settings[k] for k in OUTPUT_SETTINGS}
     fingerprint.update(input=job.input or "bundled sample pairs", teacher_weights_sha256=weights_hash)
+    fingerprint.update(queries=job.queries, corpus=job.corpus)
     resolved = {}
 
     def build(out, gpus):
@@ -186,6 +244,7 @@ def run(job: ScoreJobConfig) -> dict:
         resolved["plan"] = q
         sink = RowSink(
             out.root,
+            columns=q.output_columns(),
             output_format=job.output_format,
             rows_per_file=job.rows_per_file,
             filesystem=out.fs,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -172,3 +173,34 @@ def test_score_refuses_input_without_query_column(tmp_path, tiny_cross_encoder, 
     _write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "pos": ["a"]}])
     rc = main(["score", "--input", str(tmp_path / "x.jsonl"), "--teacher", str(tiny_cross_encoder)])
     assert rc == EXIT_BAD_CONFIG and "missing column(s) ['query']" in capsys.readouterr().err
+
+
+def test_kalm_score_id_keyed_rows(ray_local, tiny_cross_encoder, tmp_path):
+    """Rows of ids (what mining writes) are scored against the texts they point to; unknown ids are set aside."""
+    docs = {f"d{i}": _words(i, 3 + i % 5) for i in range(12)}
+    queries = {"q0": _words(20, 4), "q1": _words(21, 6)}
+    pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), tmp_path / "corpus.parquet")
+    pq.write_table(pa.table({"query_id": list(queries), "query": list(queries.values())}), tmp_path / "q.parquet")
+    rows = [
+        {"query_id": "q0", "pos_ids": ["d1"], "neg_ids": ["d2", "d3", "d2"]},
+        {"query_id": "q1", "pos_ids": ["d4", "d5"], "neg_ids": []},
+        {"query_id": "q1", "pos_ids": ["d6"], "neg_ids": ["nope"]},  # unknown candidate id
+        {"query_id": "zz", "pos_ids": ["d1"], "neg_ids": ["d2"]},  # unknown query id
+    ]
+    _write_jsonl(tmp_path / "cands.jsonl", rows)
+    out = tmp_path / "out"
+    rc = main(["score", "--input", str(tmp_path / "cands.jsonl"), "--queries", str(tmp_path / "q.parquet"),
+               "--corpus", str(tmp_path / "corpus.parquet"), "--output", str(out), "--teacher", tiny_cross_encoder,
+               "--teacher-kind", "cross-encoder", "--max-length", "32", "--output-format", "parquet"])  # fmt: skip
+    assert rc == 0
+    got = pq.read_table(out).to_pylist()
+    assert sorted(got[0]) == ["neg_ids", "neg_scores", "pos_ids", "pos_scores", "query_id"]  # ids kept, no texts
+    text_rows = [{"query": queries[r["query_id"]], "pos": [docs[d] for d in r["pos_ids"]],
+                  "neg": [docs[d] for d in r["neg_ids"]]} for r in rows[:2]]  # fmt: skip
+    expected = _direct_cross_scores(tiny_cross_encoder, text_rows, 32)
+    by_first = {tuple(r["pos_ids"]): r for r in got}
+    for r, e in zip(rows[:2], expected):
+        line = by_first[tuple(r["pos_ids"])]
+        assert np.abs(np.array(line["pos_scores"] + line["neg_scores"]) - np.array(e)).max() <= 1e-4
+    rejects = sorted(r["reason"] for r in pq.read_table(out / "_rejects").to_pylist())
+    assert rejects == ["neg_ids_unknown_id", "query_id_unknown"]

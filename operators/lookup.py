@@ -1,0 +1,128 @@
+"""Texts by id, for ID-keyed inputs (what mining writes): ``query_id, pos_ids, neg_ids`` rows whose texts live in a
+queries table and a corpus.
+
+``TextStore`` actors each hold a hash partition of one table's ``id -> text`` (loaded by parallel read tasks, one per
+file); ``resolve_texts`` replaces a batch's ids by their texts with one round trip per shard. Chosen over a Ray Data
+join (explode the candidate lists, hash-join twice, group back by query) because every row keeps its candidate
+order and block boundaries without a shuffle, and each text crosses the network once per use. It costs the texts'
+size plus ~100 bytes per id of actor memory, spread over the shards (and the cluster): ~60 GB for 100M passages of
+~500 characters, so give it enough shards, or join ahead of time for corpora far past that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from operators.io import InputFiles, read_file
+from operators.validate import REJECT_COLUMN, id_key, shard_keys
+
+
+class TextStore:
+    """One shard of an id -> text map. The first text stored under an id wins (duplicate ids in a corpus)."""
+
+    def __init__(self):
+        self.texts: dict[bytes, str] = {}
+
+    def put(self, keys: list[bytes], texts: list) -> int:
+        for k, t in zip(keys, texts):
+            self.texts.setdefault(k, t)
+        return len(keys)
+
+    def get(self, keys: list[bytes]) -> list:
+        return [self.texts.get(k) for k in keys]
+
+    def size(self) -> int:
+        return len(self.texts)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def load_file(inp: InputFiles, path: str, id_column: str, text_column: str, stores: list) -> int:
+    """Read one file of a queries/corpus table into the store shards (a Ray task). Returns rows stored."""
+    import ray
+
+    n = 0
+    for table in read_file(inp, path, columns=[id_column, text_column], id_column=None, skip=None,
+                           ledger_fs=None, ledger_root=None):  # fmt: skip
+        ids, texts = table.column(id_column).to_pylist(), table.column(text_column).to_pylist()
+        keep = [i for i, (x, t) in enumerate(zip(ids, texts)) if x is not None and isinstance(t, str)]
+        keys = [id_key(ids[i]) for i in keep]
+        ray.get([stores[s].put.remote([keys[j] for j in sel], [texts[keep[j]] for j in sel])
+                 for s, sel in shard_keys(keys, len(stores))])  # fmt: skip
+        n += len(keys)
+    return n
+
+
+def build_store(inp: InputFiles, *, id_column: str, text_column: str, shards: int, num_cpus: float) -> list:
+    """Start ``shards`` TextStore actors and fill them from every file of ``inp`` in parallel."""
+    import ray
+
+    stores = [ray.remote(num_cpus=0)(TextStore).remote() for _ in range(shards)]
+    task = ray.remote(num_cpus=num_cpus)(load_file)
+    ray.get([task.remote(inp, f, id_column, text_column, stores) for f in inp.files])
+    return stores
+
+
+def lookup(stores: list, ids: list) -> list:
+    """ids -> their texts (None where unknown), in order."""
+    import ray
+
+    keys = [id_key(_plain(x)) for x in ids]
+    out: list = [None] * len(keys)
+    parts = shard_keys(keys, len(stores))
+    results = ray.get([stores[s].get.remote([keys[j] for j in sel]) for s, sel in parts])
+    for (_, sel), texts in zip(parts, results):
+        for j, t in zip(sel, texts):
+            out[j] = t
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdColumns:
+    query_id: str = "query_id"
+    pos_ids: str = "pos_ids"
+    neg_ids: str = "neg_ids"
+    query: str = "query"  # the text columns resolve_texts adds
+    pos: str = "pos"
+    neg: str = "neg"
+
+
+def resolve_texts(batch: dict[str, np.ndarray], *, cols: IdColumns, queries: list, docs: list) -> dict:
+    """Add query/pos/neg texts for ID-keyed rows; a row with an unknown or null id is rejected, naming which."""
+    n = len(batch[cols.query_id])
+    reasons = batch.get(REJECT_COLUMN, np.full(n, "", dtype=object)).copy()
+    q_text = lookup(queries, list(batch[cols.query_id]))
+    lists = {}
+    for src, dst in ((cols.pos_ids, cols.pos), (cols.neg_ids, cols.neg)):
+        values = batch.get(src, np.full(n, None, dtype=object))
+        flat, lengths = [], []
+        for v in values:
+            items = [] if v is None or isinstance(v, (str, bytes)) else list(v)
+            flat += items
+            lengths.append(len(items))
+        texts = lookup(docs, flat) if flat else []
+        out = np.empty(n, dtype=object)
+        start = 0
+        for i, (v, k) in enumerate(zip(values, lengths)):
+            out[i] = texts[start : start + k]
+            start += k
+            if reasons[i]:
+                continue
+            if isinstance(v, (str, bytes)):
+                reasons[i] = f"{src}_not_list"
+            elif v is None and src == cols.pos_ids:
+                reasons[i] = f"{src}_missing"
+            elif any(t is None for t in out[i]):
+                reasons[i] = f"{src}_unknown_id"
+        lists[dst] = out
+    for i, t in enumerate(q_text):
+        if not reasons[i] and t is None:
+            reasons[i] = f"{cols.query_id}_unknown"
+    batch[cols.query] = np.array(q_text, dtype=object)
+    batch.update(lists)
+    batch[REJECT_COLUMN] = reasons
+    return batch
