@@ -6,6 +6,7 @@ only unless the caller allows pickle files explicitly (a ``pytorch_model.bin`` c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from operators.storage import StorageConfig, fetch_folder, is_local
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,14 @@ class ModelInfo:
     st_max_seq_length: int | None  # sentence-transformers' max_seq_length, when the folder is an ST model
     st_pooling: str | None  # sentence-transformers' pooling mode, when it is one we implement
     weight_files: tuple[str, ...]
+    source: str | None = None  # the object-storage URI it was fetched from (each node fetches it into its cache)
+    storage: StorageConfig | None = None
+
+    def local_path(self) -> str:
+        """The folder on this node: ``path`` where it exists (the driver's node), else fetched from ``source``."""
+        if self.source is None or Path(self.path).is_dir():
+            return self.path
+        return fetch_folder(self.source, self.storage)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -46,8 +57,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def inspect_model(path: str, *, allow_pickle: bool = False) -> ModelInfo:
-    """Read a local model folder's config; fail with a clear message if it is not a loadable model folder."""
+def inspect_model(path: str, *, allow_pickle: bool = False, storage: StorageConfig | None = None) -> ModelInfo:
+    """Read a model folder's config; fail with a clear message if it is not a loadable model folder.
+
+    ``path``: a local folder, or an object-storage prefix (``s3://bucket/models/x``) fetched once per node into
+    the local cache (``storage.fetch_folder``); never a model hub.
+    """
+    if not is_local(path):
+        info = inspect_model(fetch_folder(path, storage), allow_pickle=allow_pickle)
+        return dataclasses.replace(info, source=path, storage=storage)
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -93,7 +111,7 @@ def weights_sha256(info: ModelInfo) -> str:
     h = hashlib.sha256()
     for name in info.weight_files:
         h.update(name.encode() + b"\0")
-        with open(Path(info.path) / name, "rb") as f:
+        with open(Path(info.local_path()) / name, "rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
@@ -160,14 +178,15 @@ def load_model(
         "use_safetensors": info.weight_files[0].endswith(".safetensors"),
         "trust_remote_code": trust_remote_code,
     }
+    path = info.local_path()
     try:
-        model = cls.from_pretrained(info.path, attn_implementation=attn_implementation, **kwargs)
+        model = cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
     except ValueError as e:
         # Some architectures (MPNet, ...) have no SDPA path in transformers; their own attention is correct, slower.
         if "does not support an attention implementation" not in str(e):
             raise
         logger.info("%s has no %s attention in transformers; using eager attention", info.name, attn_implementation)
-        model = cls.from_pretrained(info.path, attn_implementation="eager", **kwargs)
+        model = cls.from_pretrained(path, attn_implementation="eager", **kwargs)
     if bidirectional:
         n = make_bidirectional(model)
         logger.info("bidirectional attention: %d attention modules switched off causal", n)
@@ -179,7 +198,7 @@ def load_model(
 def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(info.local_path(), local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def select_device(device: str, num_gpus: float) -> str:

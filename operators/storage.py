@@ -226,3 +226,55 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
         return [path]
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(i.path for i in found if i.type == pafs.FileType.File)
+
+
+def cache_dir() -> str:
+    """Node-local cache for models fetched from object storage and the bundled teacher: ``KALM_CACHE``, else
+    ``~/.cache/kalm-pipeline``."""
+    return os.environ.get("KALM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kalm-pipeline")
+
+
+def fetch_folder(uri: str, storage: StorageConfig | None = None) -> str:
+    """Copy every file under an object-storage prefix (a model folder) into the node-local cache, once per node.
+
+    Keyed by the URI and the listing (names and sizes), so a changed model is fetched again. Concurrent actors on a
+    node wait on a file lock and the folder appears by an atomic rename, so a model is downloaded once per node,
+    not once per actor. Returns the local folder.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+
+    fs, root = resolve(uri, storage)
+    try:
+        check_bucket(fs, uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(e, uri) from e
+    files = sorted((i.path, i.size) for i in infos if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"model folder {uri!r} is empty or does not exist")
+    key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:20]
+    target = os.path.join(cache_dir(), "models", "remote", key)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(target):
+            return target
+        logger.info("fetching model %s into %s", uri, target)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
+            for path, _size in files:
+                local = os.path.join(tmp, posixpath.relpath(path, root))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                with_retries(lambda p=path, dst=local: _download(fs, p, dst), what=f"fetching {path}")
+            os.rename(tmp, target)
+            os.makedirs(tmp)  # TemporaryDirectory cleans up a path it expects to exist
+    return target
+
+
+def _download(fs: pafs.FileSystem, path: str, local: str) -> None:
+    with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)

@@ -13,6 +13,8 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from operators import storage
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -41,7 +43,7 @@ TEACHER_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KALM_CACHE") or Path.home() / ".cache" / "kalm-pipeline")
+    return Path(storage.cache_dir())
 
 
 def _teacher_parts() -> list[Path]:

@@ -148,7 +148,8 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
     ``inp``: the input already resolved by an earlier plan of the same job, so files are not listed twice.
     """
     try:
-        info = inspect_model(job.model or defaults.default_student(), allow_pickle=job.allow_pickle)
+        model = job.model or defaults.default_student()
+        info = inspect_model(model, allow_pickle=job.allow_pickle, storage=job.storage())
         inp = inp or resolve_input(job.input_uri(), job.format, job.storage())
         check_columns(
             inp,

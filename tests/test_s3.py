@@ -194,3 +194,26 @@ def test_sigkill_mid_run_then_resume(ray_local, default_model, s3_bucket):
 def test_unusable_uris_are_config_errors(bad, capsys):
     assert main(["embed", "--input", bad]) == EXIT_BAD_CONFIG
     assert bad.split(":")[0] in capsys.readouterr().err
+
+
+def test_model_from_object_storage(ray_local, tiny_bert, s3_bucket, tmp_path, monkeypatch):
+    """--model s3://... is fetched once into the node cache (never a hub) and embeds like the local folder."""
+    endpoint, bucket, client = s3_bucket
+    for f in Path(tiny_bert).rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"models/tiny/{f.relative_to(tiny_bert)}")
+    _put_corpus(client, bucket, "corpus", files=1, rows_per_file=20)
+    monkeypatch.setenv("KALM_CACHE", str(tmp_path / "cache"))
+    common = ["--input", f"s3://{bucket}/corpus", "--storage-endpoint", endpoint, "--max-length", "32"]
+    assert main(["embed", *common, "--model", f"s3://{bucket}/models/tiny", "--output", str(tmp_path / "a")]) == 0
+    assert main(["embed", *common, "--model", tiny_bert, "--output", str(tmp_path / "b")]) == 0
+    fetched = list((tmp_path / "cache" / "models" / "remote").glob("*/model.safetensors"))
+    assert len(fetched) == 1
+    a = pq.read_table(tmp_path / "a").sort_by("id")
+    b = pq.read_table(tmp_path / "b").sort_by("id")
+    assert a.column("id").equals(b.column("id")) and a.column("embedding").equals(b.column("embedding"))
+    m = json.loads((tmp_path / "a" / "_manifest.json").read_text())
+    assert (
+        m["model"]["weights_sha256"]
+        == json.loads((tmp_path / "b" / "_manifest.json").read_text())["model"]["weights_sha256"]
+    )
