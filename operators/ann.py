@@ -66,19 +66,25 @@ def shard_count(rows: int, cfg: IndexConfig) -> int:
     return max(1, math.ceil(rows / cfg.shard_rows))
 
 
-class ShardSearcher:
-    """One index shard. ``train`` (IVF only) -> ``add`` batches -> ``search``; or ``load`` a serialised one."""
+SHARD_BITS = 40  # global id = shard << 40 | position in shard: ids stay unique and sortable across shards
 
-    def __init__(self, cfg: IndexConfig, expected_rows: int):
+
+class ShardSearcher:
+    """One index shard. ``train`` (IVF only) -> ``add`` batches -> ``search``; or ``load`` a serialised one;
+    or ``add_parquet`` the embedding files ``kalm embed`` wrote, keeping their row ids."""
+
+    def __init__(self, cfg: IndexConfig, expected_rows: int, shard: int = 0):
         import faiss
 
-        self.faiss, self.cfg = faiss, cfg
+        self.faiss, self.cfg, self.shard = faiss, cfg, shard
+        self.row_ids: list = []  # corpus ids by position in this shard (add_parquet)
+        self.position: dict = {}
         if cfg.threads:
             faiss.omp_set_num_threads(cfg.threads)
         base = faiss.index_factory(cfg.dim, cfg.factory(expected_rows), faiss.METRIC_INNER_PRODUCT)
         if hasattr(base, "hnsw"):
             base.hnsw.efConstruction = cfg.ef_construction  # before any add
-        self.index = faiss.IndexIDMap2(base)
+        self.index = faiss.IndexIDMap2(base)  # keeps id -> position, so score_ids can reconstruct by id
         self._tune()
 
     def _tune(self) -> None:
@@ -97,6 +103,64 @@ class ShardSearcher:
         """vectors: [n, dim] float32, ids: [n] int64 global corpus positions. Returns the shard's size."""
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
         return self.index.ntotal
+
+    def add_parquet(self, fs, paths: list[str], id_column: str, vector_column: str) -> int:
+        """Add the vectors of embedding Parquet files (fixed_size_list columns), streaming one row group at a time.
+        IVF shards train on the first ``train_rows`` vectors (files are in corpus order, not sorted by topic)."""
+        import pyarrow.parquet as pq
+
+        pending: list[np.ndarray] = []
+        for path in paths:
+            with fs.open_input_file(path) as f:
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[id_column, vector_column]):
+                    col = rb.column(vector_column)
+                    vecs = col.values.to_numpy(zero_copy_only=False).reshape(len(rb), col.type.list_size)
+                    ids = rb.column(id_column).to_pylist()
+                    start = len(self.row_ids)
+                    self.row_ids.extend(ids)
+                    self.position.update((x, start + i) for i, x in enumerate(ids))
+                    positions = np.arange(start, start + len(ids), dtype=np.int64) | (self.shard << SHARD_BITS)
+                    if not self.index.is_trained:
+                        pending.append((vecs.astype(np.float32), positions))
+                        if sum(len(v) for v, _ in pending) < self.cfg.train_rows:
+                            continue
+                        self.train(np.concatenate([v for v, _ in pending]))
+                        for v, p in pending:
+                            self.add(v, p)
+                        pending = []
+                    else:
+                        self.add(vecs, positions)
+        if pending:  # a shard smaller than train_rows trains on all it has
+            self.train(np.concatenate([v for v, _ in pending]))
+            for v, p in pending:
+                self.add(v, p)
+        return self.index.ntotal
+
+    def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like ``search``, plus the corpus ids of the hits: scores, global ids [q, k], corpus ids [q, k] (object)."""
+        scores, gids = self.search(queries, k)
+        local = gids & ((1 << SHARD_BITS) - 1)
+        names = np.empty(gids.shape, dtype=object)
+        for (r, c), g in np.ndenumerate(gids):
+            names[r, c] = self.row_ids[local[r, c]] if g >= 0 else None
+        return scores, gids, names
+
+    def score_ids(self, queries: np.ndarray, wanted: list[list]) -> list[dict]:
+        """Inner product of query i with each corpus id in wanted[i] held by this shard: [{id: score}] per query.
+        Reconstructs stored vectors (exact for Flat/HNSW/IVF-Flat, the PQ approximation for IVF-PQ)."""
+        base = self.faiss.downcast_index(self.index.index)
+        if hasattr(base, "make_direct_map") and base.direct_map.type == 0:
+            base.make_direct_map()  # IVF: reconstruct by position needs the direct map (built once, 8 bytes/vector)
+        out = []
+        for q, ids in zip(np.asarray(queries, dtype=np.float32), wanted):
+            found = {x: self.position[x] for x in ids if x in self.position}
+            if found:
+                gids = np.array(list(found.values()), dtype=np.int64) | (self.shard << SHARD_BITS)
+                vecs = np.stack([self.index.reconstruct(int(g)) for g in gids])
+                out.append(dict(zip(found, (vecs @ q).tolist())))
+            else:
+                out.append({})
+        return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries: [q, dim] -> scores, ids [q, k] (ids -1 where the shard has fewer than k vectors)."""

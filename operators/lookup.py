@@ -30,6 +30,13 @@ class TextStore:
             self.texts.setdefault(k, t)
         return len(keys)
 
+    def put_union(self, keys: list[bytes], lists: list) -> int:
+        """Store the union of id lists under each key (positives of queries that share a text)."""
+        for k, items in zip(keys, lists):
+            current = self.texts.setdefault(k, [])
+            current.extend(x for x in items if x not in current)
+        return len(keys)
+
     def get(self, keys: list[bytes]) -> list:
         return [self.texts.get(k) for k in keys]
 
@@ -41,29 +48,38 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def load_file(inp: InputFiles, path: str, id_column: str, text_column: str, stores: list) -> int:
-    """Read one file of a queries/corpus table into the store shards (a Ray task). Returns rows stored."""
+def load_file(
+    inp: InputFiles, path: str, id_column: str, text_column: str, stores: list, key_of=None, union: bool = False
+) -> int:
+    """Read one file of a table into the store shards (a Ray task). Returns rows stored.
+
+    ``key_of`` maps a key column value to the lookup key (default: the id itself); ``union`` stores the union of
+    list values under a key instead of the first value."""
     import ray
 
     n = 0
     for table in read_file(inp, path, columns=[id_column, text_column], id_column=None, skip=None,
                            ledger_fs=None, ledger_root=None):  # fmt: skip
-        ids, texts = table.column(id_column).to_pylist(), table.column(text_column).to_pylist()
-        keep = [i for i, (x, t) in enumerate(zip(ids, texts)) if x is not None and isinstance(t, str)]
-        keys = [id_key(ids[i]) for i in keep]
-        ray.get([stores[s].put.remote([keys[j] for j in sel], [texts[keep[j]] for j in sel])
+        ids, values = table.column(id_column).to_pylist(), table.column(text_column).to_pylist()
+        ok = (lambda v: isinstance(v, list)) if union else (lambda v: isinstance(v, str))
+        keep = [i for i, (x, v) in enumerate(zip(ids, values)) if x is not None and ok(v)]
+        keys = [id_key(key_of(ids[i]) if key_of else ids[i]) for i in keep]
+        method = "put_union" if union else "put"
+        ray.get([getattr(stores[s], method).remote([keys[j] for j in sel], [values[keep[j]] for j in sel])
                  for s, sel in shard_keys(keys, len(stores))])  # fmt: skip
         n += len(keys)
     return n
 
 
-def build_store(inp: InputFiles, *, id_column: str, text_column: str, shards: int, num_cpus: float) -> list:
+def build_store(
+    inp: InputFiles, *, id_column: str, text_column: str, shards: int, num_cpus: float, key_of=None, union=False
+) -> list:
     """Start ``shards`` TextStore actors and fill them from every file of ``inp`` in parallel."""
     import ray
 
     stores = [ray.remote(num_cpus=0)(TextStore).remote() for _ in range(shards)]
     task = ray.remote(num_cpus=num_cpus)(load_file)
-    ray.get([task.remote(inp, f, id_column, text_column, stores) for f in inp.files])
+    ray.get([task.remote(inp, f, id_column, text_column, stores, key_of, union) for f in inp.files])
     return stores
 
 

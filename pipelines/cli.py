@@ -101,6 +101,7 @@ def overrides_from(ns: argparse.Namespace, cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.embed import EmbedJobConfig
+    from pipelines.mine import MineJobConfig
     from pipelines.score import ScoreJobConfig
 
     parser = argparse.ArgumentParser(prog="kalm", description="KaLM-style embedding pipelines on Ray Data")
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML file of score settings (flags override it)")
     s.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     add_config_flags(s, ScoreJobConfig, SCORE_HELP)
+    m = sub.add_parser("mine", help="hard negatives from ANN neighbours, with positive-aware filtering")
+    m.add_argument("--config", help="YAML file of mine settings (flags override it)")
+    m.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    add_config_flags(m, MineJobConfig, {})
     b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
     b.add_argument("--input", help="texts to embed, or JSONL training rows with --score (default: the bundled sample)")
     b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2, or all-mpnet-base-v2)")
@@ -149,6 +154,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{verb} {c['rows_out']} of {c['rows_in']} rows ({c['rows_rejected']} rejected "
                 f"{c['rejected_by_reason']}, {c['rows_truncated']} truncated) in "
                 f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}{resumed}"
+            )
+            return 0
+        if ns.command == "mine":
+            from pipelines import mine
+
+            job = config_mod.load(mine.MineJobConfig, ns.config, overrides_from(ns, mine.MineJobConfig))
+            if ns.print_config:
+                print(json.dumps(config_mod.to_dict(job), indent=2))
+                return 0
+            report = mine.run(job)
+            q = report["queries"]
+            print(
+                f"mined {report['negatives_chosen']} negatives for {q['rows_out']} of {q['rows_in']} queries "
+                f"({q['rows_rejected']} rejected {q['rejected_by_reason']}, dropped {q['dropped_by_reason']}); "
+                f"removed by rule {report['candidates_removed_by_rule']} -> {job.output_uri()}"
             )
             return 0
         if ns.command == "bench":
