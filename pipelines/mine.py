@@ -77,7 +77,8 @@ class MineJobConfig:
 
     def __post_init__(self):
         self.select()  # validates the rules before anything runs
-        IndexConfig(dim=1, index_type=self.index_type, shard_rows=self.shard_rows, nprobe=self.nprobe)
+        # The vector dimension is known after embedding (pq_m must divide it; checked when the shards are built).
+        IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows, nprobe=self.nprobe)
         if self.search_batch < 1:
             raise ValueError(f"search_batch must be >= 1, got {self.search_batch}")
 
