@@ -32,6 +32,13 @@ class MineConfig:
     id_type: pa.DataType = pa.string()  # the corpus id type, so id lists are typed the same in every block
 
 
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object array of lists (np.array would make a 2-d array when the lists have equal lengths)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def _vectors(column) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in column])
 
@@ -117,3 +124,30 @@ class QueryMiner:
         types = {"pos_ids": ids, "candidate_ids": ids, "neg_ids": ids, "pos_scores": floats,
                  "candidate_scores": floats, "neg_scores": floats, cfg.positives_column: ids}  # fmt: skip
         return typed_table(batch, types)
+
+
+def training_rows(batch: dict[str, np.ndarray], *, cfg: MineConfig, texts: list, prompt: str) -> pa.Table:
+    """Candidates rows -> KaLM/FlagEmbedding training rows ``{query, pos, neg, pos_scores, neg_scores, prompt}``
+    (texts looked up by id), keeping the ids. A query the rules dropped goes to the rejects with that reason."""
+    n = len(batch[cfg.query_id_column])
+    wanted = list({x for col in ("pos_ids", "neg_ids") for ids in batch[col] for x in ids})
+    text_of = dict(zip(wanted, lookup(texts, wanted)))
+    reasons = batch.get(REJECT_COLUMN, np.full(n, "", dtype=object)).copy()
+    for i, why in enumerate(batch["dropped"]):
+        reasons[i] = reasons[i] or why
+    out = {
+        "query": batch[cfg.query_column],
+        "pos": _objects([[text_of[x] for x in ids] for ids in batch["pos_ids"]]),
+        "neg": _objects([[text_of[x] for x in ids] for ids in batch["neg_ids"]]),
+        "pos_scores": batch["pos_scores"],
+        "neg_scores": batch["neg_scores"],
+        "prompt": np.full(n, prompt, dtype=object),
+        cfg.query_id_column: batch[cfg.query_id_column],
+        "pos_ids": batch["pos_ids"],
+        "neg_ids": batch["neg_ids"],
+        REJECT_COLUMN: reasons,
+        **{c: batch[c] for c in ("_source", "_row")},
+    }
+    texts_t, ids_t, floats = pa.list_(pa.string()), pa.list_(cfg.id_type), pa.list_(pa.float64())
+    return typed_table(out, {"pos": texts_t, "neg": texts_t, "pos_ids": ids_t, "neg_ids": ids_t,
+                             "pos_scores": floats, "neg_scores": floats})  # fmt: skip

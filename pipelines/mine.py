@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from operators.ann import IndexConfig, ShardSearcher
 from operators.io import InputError, read_input, resolve_input
 from operators.lookup import build_store
-from operators.mine import MineConfig, QueryMiner
+from operators.mine import MineConfig, QueryMiner, training_rows
 from operators.negatives import SelectConfig, normalize_text
 from operators.sink import RowSink
 from operators.storage import StorageConfig, resolve, write_json
@@ -180,11 +180,9 @@ def run(job: MineJobConfig) -> dict:
             raise ConfigError("--corpus-embeddings were made with another model than the one embedding the queries")
         t = time.perf_counter()
         shards, indexed = _build_shards(job, corpus_m, corpus_job.output)
-        texts = None
-        if job.text_rules:
-            corpus_inp = resolve_input(corpus_job.input, None, job.storage())
-            texts = build_store(corpus_inp, id_column=job.corpus_id_column, text_column=job.corpus_text_column,
-                                shards=4, num_cpus=0.25)  # fmt: skip
+        corpus_inp = resolve_input(corpus_job.input, None, job.storage())
+        texts = build_store(corpus_inp, id_column=job.corpus_id_column, text_column=job.corpus_text_column,
+                            shards=4, num_cpus=0.25)  # fmt: skip
         queries_inp = resolve_input(query_job.input, None, job.storage())
         by_text = build_store(queries_inp, id_column=job.query_column, text_column=job.positives_column, shards=2,
                               num_cpus=0.25, key_of=normalize_text, union=True)  # fmt: skip
@@ -203,7 +201,8 @@ def run(job: MineJobConfig) -> dict:
                             complete=out.state.complete(), skip=out.state.partial(), ledger_fs=out.fs,
                             ledger_root=out.root)  # fmt: skip
             if ds is not None:
-                ds = ds.map_batches(QueryMiner, fn_constructor_kwargs={"cfg": mcfg, "shards": shards, "texts": texts,
+                ds = ds.map_batches(QueryMiner, fn_constructor_kwargs={"cfg": mcfg, "shards": shards,
+                                                           "texts": texts if job.text_rules else None,
                                                            "positives_by_text": by_text},
                                     batch_size=job.search_batch, compute=ActorPoolStrategy(size=1), num_cpus=0.25,
                                     udf_modifying_row_count=False)  # fmt: skip
@@ -227,11 +226,38 @@ def run(job: MineJobConfig) -> dict:
             describe=lambda: {"index": {"type": job.index_type, "shards": len(shards), "vectors": indexed}},
             config=settings,
         )
+        train = _write_training(job, mcfg, texts, settings, corpus_m)
     report = _report(job, manifest, corpus_m, query_m, timings={"embed": embed_s, "index": index_s,
                                                                "total": time.perf_counter() - t0})  # fmt: skip
+    report["training_file"] = {"path": f"{job.output_uri().rstrip('/')}/train", **train["counts"]}
     fs, root = resolve(job.output_uri(), job.storage())
     write_json(fs, f"{root}/_manifest.json", report)
     return report
+
+
+def _write_training(job: MineJobConfig, mcfg: MineConfig, texts: list, settings: dict, corpus_m: dict) -> dict:
+    """The candidates table as a KaLM/FlagEmbedding training file (JSONL) under ``{output}/train``."""
+    root = job.output_uri().rstrip("/")
+    candidates = resolve_input(f"{root}/candidates", "parquet", job.storage())
+    prompt = job.query_prompt.replace("{task}", job.task).split("{text}")[0]
+
+    def build(out, gpus):
+        ds = read_input(candidates, add_ids=False, id_column="", columns=None, num_cpus=0.25,
+                        complete=out.state.complete(), skip=out.state.partial(), ledger_fs=out.fs,
+                        ledger_root=out.root)  # fmt: skip
+        if ds is not None:
+            ds = ds.map_batches(training_rows, fn_kwargs={"cfg": mcfg, "texts": texts, "prompt": prompt},
+                                batch_size=4096, num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
+        cols = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", job.query_id_column, "pos_ids", "neg_ids")
+        sink = RowSink(out.root, columns=cols, output_format="jsonl", filesystem=out.fs, attempt=out.attempt,
+                       rows_per_file=50_000, id_column=job.query_id_column, reject_columns=())  # fmt: skip
+        return ds, sink
+
+    fingerprint = {k: v for k, v in settings.items() if k not in ("overwrite", "address", "search_batch")}
+    fingerprint.update(corpus_weights=corpus_m["model"]["weights_sha256"], prompt=prompt)
+    return execute("mine-train", inp=candidates, output=f"{root}/train", storage=job.storage(),
+                   fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25,
+                   build=build, describe=dict, config=settings)  # fmt: skip
 
 
 def _report(job, manifest, corpus_m, query_m, timings) -> dict:

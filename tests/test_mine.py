@@ -49,3 +49,16 @@ def test_negatives_equal_sentence_transformers_mine_hard_negatives(ray_local, de
     report = json.loads((out / "_manifest.json").read_text())
     assert report["queries"]["rows_in"] == len(queries)
     assert report["candidates_removed_by_rule"]["relative_margin"] > 0
+
+    # The training file: KaLM/FlagEmbedding JSONL, texts matching the ids, scores aligned; loadable by datasets.
+    import datasets
+
+    train = datasets.load_dataset("json", data_files=[str(f) for f in sorted((out / "train").glob("part-*.jsonl"))],
+                                  split="train")  # fmt: skip
+    assert train.num_rows == len(queries) == report["training_file"]["rows_out"]
+    query_text = {q["query_id"]: q["query"] for q in queries}
+    for row in train:
+        mine = ours[row["query_id"]]
+        assert row["neg"] == [text[i] for i in mine["neg_ids"]] and row["pos"] == [text[i] for i in mine["pos_ids"]]
+        assert len(row["neg_scores"]) == len(row["neg"]) and len(row["pos_scores"]) == len(row["pos"])
+        assert row["prompt"] == "" and row["query"] == query_text[row["query_id"]]
