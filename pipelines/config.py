@@ -114,3 +114,18 @@ def _plain(v):
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
     return v
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StorageSettings:
+    """Object-storage settings every job takes. Credentials come from the standard AWS variables and profiles,
+    never from here."""
+
+    storage_endpoint: str | None = None  # S3-compatible endpoint URL; default AWS_ENDPOINT_URL(_S3), else AWS
+    storage_region: str | None = None  # default AWS_REGION / AWS_DEFAULT_REGION
+    storage_retries: int = 10  # attempts per storage request (backoff with jitter)
+
+    def storage(self):
+        from operators.storage import StorageConfig
+
+        return StorageConfig(endpoint=self.storage_endpoint, region=self.storage_region, retries=self.storage_retries)

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from operators.embed import EmbedConfig, Embedder
-from operators.io import InputError, InputFiles, check_columns, read_input, resolve_input
+from operators.io import InputError, InputFiles, check_columns, resolve_input
 from operators.model import inspect_model, weights_sha256
 from operators.sink import RowSink
-from operators.storage import StorageConfig
 from operators.tokenize import TokenizeConfig, Tokenizer
 from operators.validate import IdRegistry, ValidateConfig, validate_rows
 from pipelines import defaults
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, StorageSettings, to_dict
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
 
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class EmbedJobConfig:
+class EmbedJobConfig(StorageSettings):
     """Everything ``kalm embed`` does, as one flat, YAML-friendly record. None means 'the embedded default'."""
 
     input: str | None = None  # file, folder, glob or save_to_disk folder; default: the bundled corpus
@@ -76,10 +75,6 @@ class EmbedJobConfig:
     rows_per_file: int | None = None
     overwrite: bool = False
     address: str | None = None
-    # Object storage: credentials come from the standard AWS variables/profiles, never from here.
-    storage_endpoint: str | None = None  # S3-compatible endpoint URL; default AWS_ENDPOINT_URL(_S3), else AWS
-    storage_region: str | None = None  # default AWS_REGION / AWS_DEFAULT_REGION
-    storage_retries: int = 10  # attempts per storage request (backoff with jitter)
 
     def __post_init__(self):
         if self.text_kind not in ("document", "query"):
@@ -91,9 +86,6 @@ class EmbedJobConfig:
         if self.io_num_cpus <= 0:
             raise ValueError(f"io_num_cpus must be > 0, got {self.io_num_cpus}")
         self.storage()  # validates the storage settings
-
-    def storage(self) -> StorageConfig:
-        return StorageConfig(endpoint=self.storage_endpoint, region=self.storage_region, retries=self.storage_retries)
 
     def input_uri(self) -> str:
         return self.input or str(defaults.SAMPLE_CORPUS)
@@ -234,17 +226,7 @@ def build_dataset(p: EmbedPlan, out: Output):
     job, inp = p.job, p.input
     DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
     columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
-    ds = read_input(
-        inp,
-        add_ids=job.add_ids,
-        id_column=job.id_column,
-        columns=columns,
-        num_cpus=job.io_num_cpus,
-        complete=out.state.complete(),
-        skip=out.state.partial(),
-        ledger_fs=out.fs,
-        ledger_root=out.root,
-    )
+    ds = out.read(inp, columns=columns, num_cpus=job.io_num_cpus, add_ids=job.add_ids, id_column=job.id_column)
     if ds is None:
         return None
     registry = None

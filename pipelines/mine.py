@@ -21,14 +21,14 @@ from typing import Literal
 import pyarrow.parquet as pq
 
 from operators.ann import IndexConfig, ShardSearcher
-from operators.io import InputError, read_input, resolve_input
+from operators.io import InputError, resolve_input
 from operators.lookup import build_store
 from operators.mine import MineConfig, QueryMiner, training_rows
 from operators.negatives import SelectConfig, normalize_text
 from operators.sink import RowSink
-from operators.storage import StorageConfig, resolve, write_json
+from operators.storage import resolve, write_json
 from pipelines import defaults, embed
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, StorageSettings, to_dict
 from pipelines.job import execute
 from pipelines.runtime import ray_session
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class MineJobConfig:
+class MineJobConfig(StorageSettings):
     queries: str | None = None  # query_id, query, positive_ids; default: the bundled sample queries
     corpus: str | None = None  # id, text; default: the bundled sample corpus
     output: str | None = None  # default: kalm-out/mine
@@ -71,9 +71,6 @@ class MineJobConfig:
     num_gpus: float | None = None
     overwrite: bool = False
     address: str | None = None
-    storage_endpoint: str | None = None
-    storage_region: str | None = None
-    storage_retries: int = 10
 
     def __post_init__(self):
         self.select()  # validates the rules before anything runs
@@ -89,9 +86,6 @@ class MineJobConfig:
             relative_margin=self.relative_margin, sampling=self.sampling, seed=self.seed,
             consistency_rank=self.consistency_rank, too_few=self.too_few,
         )  # fmt: skip
-
-    def storage(self) -> StorageConfig:
-        return StorageConfig(endpoint=self.storage_endpoint, region=self.storage_region, retries=self.storage_retries)
 
     def output_uri(self) -> str:
         return self.output or f"{defaults.DEFAULT_OUTPUT}/mine"
@@ -197,9 +191,7 @@ def run(job: MineJobConfig) -> dict:
         def build(out, gpus):
             from ray.data import ActorPoolStrategy
 
-            ds = read_input(vectors, add_ids=False, id_column="", columns=None, num_cpus=0.25,
-                            complete=out.state.complete(), skip=out.state.partial(), ledger_fs=out.fs,
-                            ledger_root=out.root)  # fmt: skip
+            ds = out.read(vectors, columns=None, num_cpus=0.25)
             if ds is not None:
                 ds = ds.map_batches(QueryMiner, fn_constructor_kwargs={"cfg": mcfg, "shards": shards,
                                                            "texts": texts if job.text_rules else None,
@@ -242,9 +234,7 @@ def _write_training(job: MineJobConfig, mcfg: MineConfig, texts: list, settings:
     prompt = job.query_prompt.replace("{task}", job.task).split("{text}")[0]
 
     def build(out, gpus):
-        ds = read_input(candidates, add_ids=False, id_column="", columns=None, num_cpus=0.25,
-                        complete=out.state.complete(), skip=out.state.partial(), ledger_fs=out.fs,
-                        ledger_root=out.root)  # fmt: skip
+        ds = out.read(candidates, columns=None, num_cpus=0.25)
         if ds is not None:
             ds = ds.map_batches(training_rows, fn_kwargs={"cfg": mcfg, "texts": texts, "prompt": prompt},
                                 batch_size=4096, num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip

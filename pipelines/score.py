@@ -12,20 +12,19 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from operators.io import InputError, InputFiles, read_input, resolve_input
+from operators.io import InputError, InputFiles, resolve_input
 from operators.lookup import IdColumns, build_store, resolve_texts
 from operators.model import inspect_model, weights_sha256
 from operators.sink import RowSink
-from operators.storage import StorageConfig
 from operators.teacher import TeacherConfig, TeacherScorer
 from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, StorageSettings, to_dict
 from pipelines.job import execute
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreJobConfig:
+class ScoreJobConfig(StorageSettings):
     input: str | None = None  # JSONL/Parquet training rows; default: the bundled sample as {query, pos, neg}
     # ID-keyed input (what mining writes): rows of query_id, pos_ids, neg_ids, with texts from these two tables.
     queries: str | None = None  # table of query_id_column, query_column
@@ -70,9 +69,6 @@ class ScoreJobConfig:
     rows_per_file: int = 20_000  # ~30-100 MB of JSONL training rows per file
     overwrite: bool = False
     address: str | None = None
-    storage_endpoint: str | None = None
-    storage_region: str | None = None
-    storage_retries: int = 10
 
     def __post_init__(self):
         if self.rows_per_file < 1 or self.batch_size < 1 or self.block_mb <= 0 or self.io_num_cpus <= 0:
@@ -84,9 +80,6 @@ class ScoreJobConfig:
         if self.text_store_shards < 1:
             raise ValueError(f"text_store_shards must be >= 1, got {self.text_store_shards}")
         self.storage()
-
-    def storage(self) -> StorageConfig:
-        return StorageConfig(endpoint=self.storage_endpoint, region=self.storage_region, retries=self.storage_retries)
 
 
 @dataclass(frozen=True)
@@ -185,17 +178,7 @@ def build_dataset(p: ScorePlan, out):
 
     job = p.job
     DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
-    ds = read_input(
-        p.input,
-        add_ids=False,
-        id_column="",
-        columns=None,
-        num_cpus=job.io_num_cpus,
-        complete=out.state.complete(),
-        skip=out.state.partial(),
-        ledger_fs=out.fs,
-        ledger_root=out.root,
-    )
+    ds = out.read(p.input, columns=None, num_cpus=job.io_num_cpus)
     if ds is None:
         return None
     if p.ids is not None:
