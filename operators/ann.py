@@ -169,6 +169,50 @@ class ShardSearcher:
     def size(self) -> int:
         return self.index.ntotal
 
+    def save(self, fs, prefix: str) -> int:
+        """Write this shard as ``{prefix}.faiss`` (faiss's own format) and ``{prefix}.ids.parquet`` (corpus id by
+        position). The index goes through a local temp file in 64 MB chunks, so saving a large shard does not hold a
+        second copy of it in memory (``serialize`` would). Returns the vectors saved."""
+        import os
+        import tempfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from operators.storage import with_retries
+
+        def upload():
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "shard.faiss")
+                self.faiss.write_index(self.index, local)
+                with open(local, "rb") as src, fs.open_output_stream(f"{prefix}.faiss") as dst:
+                    while chunk := src.read(64 << 20):
+                        dst.write(chunk)
+            pq.write_table(pa.table({"id": self.row_ids}), f"{prefix}.ids.parquet", filesystem=fs)
+
+        with_retries(upload, what=f"saving index shard {prefix}")
+        return self.index.ntotal
+
+    def load_saved(self, fs, prefix: str) -> int:
+        """Load a shard ``save`` wrote (local path or object storage), through a local temp file."""
+        import os
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "shard.faiss")
+            with fs.open_input_stream(f"{prefix}.faiss") as src, open(local, "wb") as dst:
+                while chunk := src.read(64 << 20):
+                    dst.write(chunk)
+            self.index = self.faiss.read_index(local)
+        self.row_ids = pq.read_table(f"{prefix}.ids.parquet", filesystem=fs).column("id").to_pylist()
+        self.position = {x: i for i, x in enumerate(self.row_ids)}
+        if len(self.row_ids) != self.index.ntotal:
+            raise ValueError(f"{prefix}: {self.index.ntotal} vectors but {len(self.row_ids)} ids")
+        self._tune()
+        return self.index.ntotal
+
     def serialize(self) -> bytes:
         return self.faiss.serialize_index(self.index).tobytes()
 

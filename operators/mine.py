@@ -1,11 +1,19 @@
-"""QueryMiner: searches a batch of query vectors over every index shard, merges the top-k exactly, scores the
-positives and applies the negative-selection rules (``operators.negatives``).
+"""Mining operators, in pipeline order: ``QueryMiner`` (search every index shard, merge the top-k exactly, score
+the positives) -> ``CandidateTeacher`` (optional: the teacher rescores positives and candidates) ->
+``NegativeSelector`` (the selection rules of ``operators.negatives``) -> ``training_rows`` / ``st_rows`` (the
+KaLM/FlagEmbedding and sentence-transformers training files).
 
-Needs ``query_id``, the query text, ``positive_ids`` (list) and the query ``embedding`` (from ``kalm embed`` with
-the query prompt); adds ``pos_ids``/``pos_scores`` (positives found in the corpus), ``candidate_ids``/
-``candidate_scores`` (the merged neighbours, best first), ``neg_ids``/``neg_scores`` (the chosen negatives),
-``dropped`` (why a query yields no training row, "" otherwise) and ``removed`` (JSON: candidates removed per rule).
-Queries never hold a query x corpus matrix: each call searches ``batch`` queries for ``k`` neighbours per shard.
+The candidates table (what ``QueryMiner`` and ``CandidateTeacher`` add, ID-keyed) holds everything selection
+needs, so ``kalm select`` re-applies other rules to it with ``NegativeSelector`` alone, without searching again:
+- ``pos_ids``/``pos_scores``: the query's positives found in the corpus (with those of queries sharing its
+  normalised text, as sentence-transformers groups them) and their student scores; ``pos_ranks``: each
+  positive's rank among the non-positive candidates (0 = above all of them);
+- ``candidate_ids``/``candidate_scores``: the merged neighbours, best first (list position = student rank);
+- ``teacher_pos_scores``/``teacher_candidate_scores`` when a teacher rescored them;
+- ``missing_positives``: positives named by the query but absent from the corpus.
+``NegativeSelector`` adds ``neg_ids``/``neg_scores`` (the chosen negatives, scored by the teacher when there is
+one), ``dropped`` (why a query yields no training row, "" otherwise) and ``removed`` (JSON: candidates removed per
+rule). Queries never hold a query x corpus matrix: each call searches one batch for ``k`` neighbours per shard.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from operators.lookup import lookup
 from operators.negatives import SelectConfig, merge_topk, normalize_text, select_negatives
 from operators.validate import REJECT_COLUMN, typed_table
 
+TEACHER_COLUMNS = ("teacher_pos_scores", "teacher_candidate_scores")
+SELECTION_COLUMNS = ("neg_ids", "neg_scores", "dropped", "removed")
+
 
 @dataclass(frozen=True, kw_only=True)
 class MineConfig:
@@ -30,6 +41,18 @@ class MineConfig:
     embedding_column: str = "embedding"
     text_rules: bool = True  # drop candidates whose text equals a positive's or the query's, and duplicate texts
     id_type: pa.DataType = pa.string()  # the corpus id type, so id lists are typed the same in every block
+    pool: int | None = None  # neighbours kept per query; default: what ``select`` needs (see ``pool_for``)
+
+    def pool_for(self, positives: int) -> int:
+        """Neighbours kept for a query with this many positives: ``pool``, else the rules' window plus room for the
+        positives themselves (and for padding). Per query, so a row's candidates do not depend on its batch."""
+        return self.pool or self.select.candidates_needed(positives)
+
+    def types(self) -> dict[str, pa.DataType]:
+        ids, floats = pa.list_(self.id_type), pa.list_(pa.float64())
+        return {"pos_ids": ids, "candidate_ids": ids, "neg_ids": ids, self.positives_column: ids,
+                "pos_scores": floats, "candidate_scores": floats, "neg_scores": floats,
+                "pos_ranks": pa.list_(pa.int64()), **{c: floats for c in TEACHER_COLUMNS}}  # fmt: skip
 
 
 def _objects(values: list) -> np.ndarray:
@@ -43,25 +66,38 @@ def _vectors(column) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in column])
 
 
+def _lists(column, n: int) -> list[list]:
+    """A list column as Python lists (Arrow gives None for a null list, numpy arrays for others)."""
+    if column is None:
+        return [[] for _ in range(n)]
+    return [[] if v is None else list(v) for v in column]
+
+
+def _reasons(batch: dict, n: int) -> np.ndarray:
+    return batch.get(REJECT_COLUMN, np.full(n, "", dtype=object)).copy()
+
+
 class QueryMiner:
-    def __init__(self, cfg: MineConfig, shards: list, texts: list | None, positives_by_text: list | None = None):
+    def __init__(self, cfg: MineConfig, shards: list, positives_by_text: list | None = None):
         """positives_by_text: stores of normalised query text -> union of positive ids, so queries that share a
         text share their positives (sentence-transformers groups identical queries the same way); without it a
         positive of the twin query would be mined as a negative."""
-        self.cfg, self.shards, self.texts, self.by_text = cfg, shards, texts, positives_by_text
+        self.cfg, self.shards, self.by_text = cfg, shards, positives_by_text
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import ray
 
         cfg = self.cfg
         n = len(batch[cfg.query_id_column])
-        reasons = batch.get(REJECT_COLUMN, np.full(n, "", dtype=object)).copy()
-        positives = [[] if p is None else list(p) for p in batch[cfg.positives_column]]
+        reasons = _reasons(batch, n)
+        own = _lists(batch[cfg.positives_column], n)
+        positives = [list(p) for p in own]
         if self.by_text is not None:
             shared = lookup(self.by_text, [normalize_text(str(t)) for t in batch[cfg.query_column]])
-            positives = [own + [x for x in (more or []) if x not in own] for own, more in zip(positives, shared)]
+            positives = [p + [x for x in (more or []) if x not in p] for p, more in zip(positives, shared)]
         q = _vectors(batch[cfg.embedding_column])  # [B, D]
-        k = cfg.select.candidates_needed(max((len(p) for p in positives), default=0))
+        pools = [cfg.pool_for(len(p)) for p in positives]
+        k = max(pools, default=1)
         found = ray.get([s.search_ids.remote(q, k) for s in self.shards])
         names = {}
         for _, gids, ids in found:
@@ -71,83 +107,197 @@ class QueryMiner:
         for part in ray.get([s.score_ids.remote(q, positives) for s in self.shards]):
             for i, d in enumerate(part):
                 pos_found[i].update(d)
-        out = {c: np.empty(n, dtype=object) for c in ("pos_ids", "pos_scores", "candidate_ids", "candidate_scores",
-                                                      "neg_ids", "neg_scores", "removed")}  # fmt: skip
-        dropped = np.full(n, "", dtype=object)
-        cand_lists = [[names[g] for g in row if g >= 0] for row in gids.tolist()]
-        text_of = {}
-        if cfg.text_rules and self.texts is not None:
-            wanted = list({x for i in range(n) for x in (*cand_lists[i], *positives[i])})
-            text_of = dict(zip(wanted, lookup(self.texts, wanted)))
+        cols = ("pos_ids", "pos_scores", "pos_ranks", "candidate_ids", "candidate_scores")
+        out = {c: np.empty(n, dtype=object) for c in cols}
+        missing = np.zeros(n, dtype=np.int64)
         for i in range(n):
+            cand = [names[g] for g in gids[i, : pools[i]].tolist() if g >= 0]
+            cs = scores[i, : len(cand)]
             pos_ids = [p for p in positives[i] if p in pos_found[i]]
-            pos_scores = np.array([pos_found[i][p] for p in pos_ids])
-            cand, cs = cand_lists[i], scores[i, : len(cand_lists[i])]
-            out["pos_ids"][i], out["pos_scores"][i] = pos_ids, pos_scores.tolist()
+            pos_scores = [pos_found[i][p] for p in pos_ids]
+            is_pos = set(positives[i])
+            others = np.array([s for c, s in zip(cand, cs.tolist()) if c not in is_pos])
+            out["pos_ids"][i], out["pos_scores"][i] = pos_ids, pos_scores
+            out["pos_ranks"][i] = [int((others > s).sum()) for s in pos_scores]
             out["candidate_ids"][i], out["candidate_scores"][i] = cand, cs.tolist()
+            missing[i] = sum(p not in pos_found[i] for p in own[i])
+            if reasons[i]:
+                continue
+            if not own[i]:
+                reasons[i] = "no_positives"
+            elif not pos_ids:
+                reasons[i] = "positives_not_in_corpus"
+        batch.update(out)
+        batch[cfg.positives_column] = _objects(own)
+        batch["missing_positives"] = missing
+        batch[REJECT_COLUMN] = reasons
+        batch.pop(cfg.embedding_column)
+        return typed_table(batch, cfg.types())
+
+
+class CandidateTeacher:
+    """Rescores each query's positives and candidates with the teacher (``operators.teacher.TeacherScorer``: bi- or
+    cross-encoder, token-budget batches, each distinct text or pair scored once). Texts come from the corpus store.
+    Adds ``teacher_pos_scores`` and ``teacher_candidate_scores``, aligned with ``pos_ids`` and ``candidate_ids``."""
+
+    def __init__(self, cfg: MineConfig, teacher, texts: list):
+        from dataclasses import replace
+
+        from operators.teacher import TeacherScorer
+
+        self.cfg, self.texts = cfg, texts
+        self.teacher = replace(teacher, query_column="_query", pos_column="_pos", neg_column="_cand",
+                               prompt_column="_no_prompt")  # fmt: skip
+        self.scorer = TeacherScorer(self.teacher)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        cfg = self.cfg
+        n = len(batch[cfg.query_id_column])
+        reasons = _reasons(batch, n)
+        pos, cand = _lists(batch["pos_ids"], n), _lists(batch["candidate_ids"], n)
+        wanted = list({x for i in range(n) if not reasons[i] for x in (*pos[i], *cand[i])})
+        text_of = dict(zip(wanted, lookup(self.texts, wanted)))
+        for i in range(n):
+            if not reasons[i] and any(text_of.get(x) is None for x in (*pos[i], *cand[i])):
+                reasons[i] = "corpus_text_missing"  # an indexed id whose text the corpus table lacks
+        ok = reasons == ""
+        sub = {
+            "_query": batch[cfg.query_column],
+            "_pos": _objects([[text_of[x] for x in p] if k else [] for p, k in zip(pos, ok)]),
+            "_cand": _objects([[text_of[x] for x in c] if k else [] for c, k in zip(cand, ok)]),
+            REJECT_COLUMN: reasons,
+        }
+        scored = self.scorer(sub)
+        batch["teacher_pos_scores"] = _objects(scored.column("pos_scores").to_pylist())
+        batch["teacher_candidate_scores"] = _objects(scored.column("neg_scores").to_pylist())
+        batch[REJECT_COLUMN] = reasons
+        return typed_table(batch, cfg.types())
+
+
+class NegativeSelector:
+    """Applies the selection rules to candidates rows (from ``QueryMiner``, ``CandidateTeacher`` or an earlier
+    candidates table). Scores are the teacher's where the rows carry them, else the student's. ``texts``: the corpus
+    store, for the text rules (None: no text rules)."""
+
+    def __init__(self, cfg: MineConfig, texts: list | None):
+        self.cfg, self.texts = cfg, texts if cfg.text_rules else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        cfg = self.cfg
+        n = len(batch[cfg.query_id_column])
+        reasons = _reasons(batch, n)
+        teacher = TEACHER_COLUMNS[0] in batch
+        pos_ids, cand = _lists(batch["pos_ids"], n), _lists(batch["candidate_ids"], n)
+        named = _lists(batch[cfg.positives_column], n)
+        pos_scores = _lists(batch[TEACHER_COLUMNS[0] if teacher else "pos_scores"], n)
+        cand_scores = _lists(batch[TEACHER_COLUMNS[1] if teacher else "candidate_scores"], n)
+        text_of = {}
+        if self.texts is not None:
+            wanted = list({x for i in range(n) if not reasons[i] for x in (*cand[i], *pos_ids[i], *named[i])})
+            text_of = dict(zip(wanted, lookup(self.texts, wanted)))
+        out = {c: np.empty(n, dtype=object) for c in ("neg_ids", "neg_scores", "removed")}
+        dropped = np.full(n, "", dtype=object)
+        for i in range(n):
             out["neg_ids"][i], out["neg_scores"][i], out["removed"][i] = [], [], "{}"
             if reasons[i]:
                 continue
-            if not positives[i]:
-                reasons[i] = "no_positives"
-                continue
-            if not pos_ids:
-                reasons[i] = "positives_not_in_corpus"
-                continue
+            exclude = [*named[i], *(p for p in pos_ids[i] if p not in named[i])]
+            scores = np.asarray(cand_scores[i], dtype=np.float64)
             sel = select_negatives(
-                cand,
-                cs,
-                positive_ids=set(positives[i]),
-                positive_scores=pos_scores,
+                cand[i],
+                scores,
+                positive_ids=set(exclude),
+                positive_scores=np.asarray(pos_scores[i], dtype=np.float64),
                 cfg=cfg.select,
                 query_id=batch[cfg.query_id_column][i],
-                cand_texts=[text_of.get(c) or "" for c in cand] if text_of else None,
-                positive_texts=[text_of.get(p) or "" for p in positives[i]] if text_of else (),
+                cand_texts=[text_of.get(c) or "" for c in cand[i]] if text_of else None,
+                positive_texts=[text_of[p] for p in exclude if text_of.get(p)] if text_of else (),
                 query_text=batch[cfg.query_column][i] if text_of else None,
             )
-            out["neg_ids"][i] = [cand[j] for j in sel.chosen]
-            out["neg_scores"][i] = cs[sel.chosen].tolist()
+            out["neg_ids"][i] = [cand[i][j] for j in sel.chosen]
+            out["neg_scores"][i] = scores[sel.chosen].tolist()
             counts = dict(sel.removed)
             if sel.padded:
                 counts["padded"] = sel.padded
             if sel.short:
                 counts["short"] = sel.short
-            if len(pos_ids) < len(positives[i]):
-                counts["positive_not_in_corpus"] = len(positives[i]) - len(pos_ids)
             out["removed"][i] = json.dumps(counts, sort_keys=True)
             dropped[i] = sel.dropped
         batch.update(out)
         batch["dropped"] = dropped
         batch[REJECT_COLUMN] = reasons
-        batch.pop(cfg.embedding_column)
-        ids, floats = pa.list_(cfg.id_type), pa.list_(pa.float64())
-        types = {"pos_ids": ids, "candidate_ids": ids, "neg_ids": ids, "pos_scores": floats,
-                 "candidate_scores": floats, "neg_scores": floats, cfg.positives_column: ids}  # fmt: skip
-        return typed_table(batch, types)
+        return typed_table(batch, cfg.types())
+
+
+def _label_scores(batch: dict) -> np.ndarray:
+    """The positives' scores that go with ``neg_scores`` (the teacher's when it scored the candidates)."""
+    return batch[TEACHER_COLUMNS[0]] if TEACHER_COLUMNS[0] in batch else batch["pos_scores"]
+
+
+def _text_lists(texts: list, *columns) -> list[list[list[str]]]:
+    wanted = list({x for col in columns for ids in col for x in ([] if ids is None else ids)})
+    text_of = dict(zip(wanted, lookup(texts, wanted)))
+    return [[[text_of[x] for x in ([] if ids is None else ids)] for ids in col] for col in columns]
+
+
+def _with_dropped(batch: dict, n: int) -> np.ndarray:
+    reasons = _reasons(batch, n)
+    for i, why in enumerate(batch["dropped"]):
+        reasons[i] = reasons[i] or why
+    return reasons
 
 
 def training_rows(batch: dict[str, np.ndarray], *, cfg: MineConfig, texts: list, prompt: str) -> pa.Table:
     """Candidates rows -> KaLM/FlagEmbedding training rows ``{query, pos, neg, pos_scores, neg_scores, prompt}``
     (texts looked up by id), keeping the ids. A query the rules dropped goes to the rejects with that reason."""
     n = len(batch[cfg.query_id_column])
-    wanted = list({x for col in ("pos_ids", "neg_ids") for ids in batch[col] for x in ids})
-    text_of = dict(zip(wanted, lookup(texts, wanted)))
-    reasons = batch.get(REJECT_COLUMN, np.full(n, "", dtype=object)).copy()
-    for i, why in enumerate(batch["dropped"]):
-        reasons[i] = reasons[i] or why
+    pos, neg = _text_lists(texts, batch["pos_ids"], batch["neg_ids"])
     out = {
         "query": batch[cfg.query_column],
-        "pos": _objects([[text_of[x] for x in ids] for ids in batch["pos_ids"]]),
-        "neg": _objects([[text_of[x] for x in ids] for ids in batch["neg_ids"]]),
-        "pos_scores": batch["pos_scores"],
+        "pos": _objects(pos),
+        "neg": _objects(neg),
+        "pos_scores": _label_scores(batch),
         "neg_scores": batch["neg_scores"],
         "prompt": np.full(n, prompt, dtype=object),
         cfg.query_id_column: batch[cfg.query_id_column],
         "pos_ids": batch["pos_ids"],
         "neg_ids": batch["neg_ids"],
-        REJECT_COLUMN: reasons,
+        REJECT_COLUMN: _with_dropped(batch, n),
         **{c: batch[c] for c in ("_source", "_row")},
     }
     texts_t, ids_t, floats = pa.list_(pa.string()), pa.list_(cfg.id_type), pa.list_(pa.float64())
     return typed_table(out, {"pos": texts_t, "neg": texts_t, "pos_ids": ids_t, "neg_ids": ids_t,
                              "pos_scores": floats, "neg_scores": floats})  # fmt: skip
+
+
+def st_columns(num_negatives: int) -> tuple[str, ...]:
+    return ("anchor", "positive", *(f"negative_{i}" for i in range(1, num_negatives + 1)))
+
+
+def st_rows(batch: dict[str, np.ndarray], *, cfg: MineConfig, texts: list) -> pa.Table:
+    """Candidates rows -> sentence-transformers' n-tuple form ``anchor, positive, negative_1..n``: one row per
+    (query, positive), as ``mine_hard_negatives(output_format="n-tuple")``. The columns are fixed, so a query with
+    fewer than ``num_negatives`` negatives cannot fill them: it goes to the rejects as ``fewer_negatives_than_columns``
+    (it is in the JSONL file with what it has). Several rows share their query's ``_source``/``_row``."""
+    n = len(batch[cfg.query_id_column])
+    k = cfg.select.num_negatives
+    reasons = _with_dropped(batch, n)
+    neg_ids = _lists(batch["neg_ids"], n)
+    for i in range(n):
+        if not reasons[i] and len(neg_ids[i]) < k:
+            reasons[i] = "fewer_negatives_than_columns"
+    pos, neg = _text_lists(texts, batch["pos_ids"], neg_ids)
+    for i in range(n):
+        if not reasons[i] and not pos[i]:
+            reasons[i] = "no_positives"  # keeps the query counted: it would otherwise yield no row at all
+    pairs = [(i, r) for i in range(n) for r in (range(len(pos[i])) if not reasons[i] else [None])]
+    rows = np.asarray([i for i, _ in pairs], dtype=np.int64)
+    out = {
+        "anchor": _objects([batch[cfg.query_column][i] for i in rows]),
+        "positive": _objects([None if r is None else pos[i][r] for i, r in pairs]),
+        **{f"negative_{j + 1}": _objects([None if r is None else neg[i][j] for i, r in pairs]) for j in range(k)},
+        cfg.query_id_column: batch[cfg.query_id_column][rows],
+        REJECT_COLUMN: reasons[rows],
+        **{c: batch[c][rows] for c in ("_source", "_row")},
+    }
+    return typed_table(out, {c: pa.string() for c in st_columns(k)})

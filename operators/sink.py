@@ -186,7 +186,6 @@ class RowSink(Datasink):
                 positions.setdefault(str(src), []).append(rows[sources == src])
             reasons = np.asarray(table.column(REJECT_COLUMN).to_numpy(zero_copy_only=False), dtype=object)
             ok = reasons == ""
-            stats.rows += table.num_rows
             stats.rejected.update(reasons[~ok].tolist())
             if "truncated" in table.column_names:
                 stats.truncated += int(np.asarray(table.column("truncated"))[ok].sum())
@@ -194,6 +193,11 @@ class RowSink(Datasink):
                 good.append(self._good(table.filter(pa.array(ok))))
             if (~ok).any():
                 bad.append(self._bad(table.filter(pa.array(~ok))))
+        # Input rows, not output rows: a row a stage expanded (one training row per positive) counts once, and the
+        # ledger's ranges need each position once. Its output rows must reach one write task (they leave their map
+        # call as one block), or the exactly-once check reports the row as committed twice.
+        unique = {src: np.unique(np.concatenate(p)) for src, p in positions.items()}
+        stats.rows = sum(len(p) for p in unique.values())
         if not stats.rows:
             return stats
         # One file per write task (Ray bundles >= rows_per_file rows into each). The name is deterministic, so
@@ -213,7 +217,7 @@ class RowSink(Datasink):
             written=stats.written,
             rejected=dict(stats.rejected),
             truncated=stats.truncated,
-            sources={src: ledger.to_ranges(np.concatenate(p)) for src, p in positions.items()},
+            sources={src: ledger.to_ranges(p) for src, p in unique.items()},
         )
         ledger.commit(self.filesystem, self.path, name, record)
         return stats

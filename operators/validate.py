@@ -214,8 +214,10 @@ def typed_table(batch: dict[str, np.ndarray], list_types: dict[str, pa.DataType]
     all empty or null becomes list<null>, and blocks of different list types then fail to concatenate."""
     cols = {}
     for name, values in batch.items():
-        if name in list_types:
+        if name in list_types and pa.types.is_list(list_types[name]):
             cols[name] = pa.array([None if v is None else list(v) for v in values], type=list_types[name])
+        elif name in list_types:  # a scalar column typed explicitly (an all-null block would infer null)
+            cols[name] = pa.array(list(values), type=list_types[name])
         elif isinstance(values, np.ndarray) and values.dtype != object:
             cols[name] = pa.array(values)
         else:

@@ -67,6 +67,37 @@ SCORE_HELP = {
 }
 
 
+MINE_HELP = {
+    "queries": "query_id, query, positive_ids (list of corpus ids): Parquet/JSONL, local or s3:// "
+    "(default: the bundled sample queries)",
+    "corpus": "id, text: Parquet/JSONL, local or s3:// (default: the bundled sample corpus)",
+    "output": "output folder or s3:// prefix: candidates/, train/ (JSONL), train-st/ (Parquet), _manifest.json",
+    "model": "the student/retriever model folder (default: the bundled all-MiniLM-L6-v2)",
+    "corpus_embeddings": "reuse a kalm embed output of the corpus (same model) instead of embedding it",
+    "index": "load a saved index folder (an earlier run's <output>/_work/index) instead of building one",
+    "index_type": "flat (exact), ivf, ivfpq or hnsw",
+    "shard_rows": "vectors per index shard actor (size it to an actor's memory)",
+    "pool": "neighbours kept per query in the candidates table, for later kalm select runs "
+    "(default: what the rules need)",
+    "num_negatives": "negatives per query",
+    "range_min": "skip the first N surviving candidates (the likeliest false negatives)",
+    "range_max": "select within the first N surviving candidates (default: range_min + num_negatives, x10 with "
+    "a score rule)",
+    "absolute_margin": "drop a candidate scoring above (lowest positive score - margin)",
+    "relative_margin": "drop a candidate scoring above (lowest positive - |lowest positive| x margin), "
+    "NV-Retriever's TopK-PercPos",
+    "consistency_rank": "KaLM ranking consistency: drop a query with this many candidates above its best positive",
+    "too_few": "when fewer negatives survive: keep fewer, drop the query, or pad randomly",
+    "text_rules": "exclude candidates whose text equals a positive's or the query's, and duplicate texts",
+    "teacher": "rescore positives and candidates with this teacher (selection and labels use its scores)",
+    "teacher_kind": "bi-encoder or cross-encoder",
+    "teacher_query_prompt": "teacher's query template with {task}/{text} (default: KaLM's; '' for none)",
+    "candidates": "a kalm mine output folder whose candidates table to select from",
+    "st_columns": "also write sentence-transformers columns anchor, positive, negative_1..n (train-st/)",
+    "miners": "QueryMiner actors searching in parallel",
+}
+
+
 def _flag_type(hint):
     if typing.get_origin(hint) is tuple:
         return str  # comma-separated; config._coerce splits and types the items
@@ -101,7 +132,7 @@ def overrides_from(ns: argparse.Namespace, cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.embed import EmbedJobConfig
-    from pipelines.mine import MineJobConfig
+    from pipelines.mine import MineJobConfig, SelectJobConfig
     from pipelines.score import ScoreJobConfig
 
     parser = argparse.ArgumentParser(prog="kalm", description="KaLM-style embedding pipelines on Ray Data")
@@ -118,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mine", help="hard negatives from ANN neighbours, with positive-aware filtering")
     m.add_argument("--config", help="YAML file of mine settings (flags override it)")
     m.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    add_config_flags(m, MineJobConfig, {})
+    add_config_flags(m, MineJobConfig, MINE_HELP)
+    sel = sub.add_parser("select", help="re-apply selection rules to a kalm mine output, without searching again")
+    sel.add_argument("--config", help="YAML file of select settings (flags override it)")
+    sel.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    add_config_flags(sel, SelectJobConfig, MINE_HELP)
     b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
     b.add_argument("--input", help="texts to embed, or JSONL training rows with --score (default: the bundled sample)")
     b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2, or all-mpnet-base-v2)")
@@ -156,19 +191,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}{resumed}"
             )
             return 0
-        if ns.command == "mine":
+        if ns.command in ("mine", "select"):
             from pipelines import mine
 
-            job = config_mod.load(mine.MineJobConfig, ns.config, overrides_from(ns, mine.MineJobConfig))
+            cls = mine.MineJobConfig if ns.command == "mine" else mine.SelectJobConfig
+            job = config_mod.load(cls, ns.config, overrides_from(ns, cls))
             if ns.print_config:
                 print(json.dumps(config_mod.to_dict(job), indent=2))
                 return 0
-            report = mine.run(job)
+            report = mine.run(job) if ns.command == "mine" else mine.run_select(job)
             q = report["queries"]
+            files = ", ".join(f"{k}: {v['rows_out']} rows" for k, v in report["training_files"].items())
             print(
-                f"mined {report['negatives_chosen']} negatives for {q['rows_out']} of {q['rows_in']} queries "
-                f"({q['rows_rejected']} rejected {q['rejected_by_reason']}, dropped {q['dropped_by_reason']}); "
-                f"removed by rule {report['candidates_removed_by_rule']} -> {job.output_uri()}"
+                f"{'mined' if ns.command == 'mine' else 'selected'} {report['negatives_chosen']} negatives for "
+                f"{q['rows_out']} of {q['rows_in']} queries ({q['rows_rejected']} rejected "
+                f"{q['rejected_by_reason']}, dropped {q['dropped_by_reason']}, "
+                f"{report['positives_missing_from_corpus']} positives missing from the corpus); removed by rule "
+                f"{report['candidates_removed_by_rule']}; training files {files} -> {job.output_uri()}"
             )
             return 0
         if ns.command == "bench":

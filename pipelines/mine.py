@@ -1,17 +1,21 @@
-"""``kalm mine``: hard negatives from ANN neighbours, with positive-aware filtering.
+"""``kalm mine`` and ``kalm select``: hard negatives from ANN neighbours, with positive-aware filtering.
 
-embed corpus (documents, no prompt) and queries (query prompt) with ``kalm embed``'s pipeline, into
-``{output}/_work/`` (resumable; ``--corpus-embeddings`` reuses an earlier ``kalm embed`` output instead) ->
-load the corpus vectors into ``ShardSearcher`` actors (``shard_rows`` each) -> ``QueryMiner`` over the query
-vectors in streaming batches: fan-out search, exact top-k merge, positive scores, selection rules -> the ID-keyed
-candidates table (``{output}/candidates/``), from which the training files are written.
-Run it as ``kalm mine ...`` or ``python -m pipelines.mine ...``.
+mine: embed corpus (documents, no prompt) and queries (query prompt) with ``kalm embed``'s pipeline into
+``{output}/_work/`` (resumable; ``--corpus-embeddings`` reuses an earlier ``kalm embed`` output) -> load the corpus
+vectors into ``ShardSearcher`` actors (``shard_rows`` each), saved to ``{output}/_work/index`` (or ``--index``
+loads a saved one) -> over the query vectors in streaming batches: ``QueryMiner`` (fan-out search, exact top-k
+merge, positive scores) -> ``CandidateTeacher`` when ``--teacher`` is given -> ``NegativeSelector`` -> the
+ID-keyed candidates table ``{output}/candidates/`` -> the training files ``{output}/train/`` (KaLM/FlagEmbedding
+JSONL) and ``{output}/train-st/`` (sentence-transformers columns, Parquet) -> ``{output}/_manifest.json``.
+select: the candidates table of a mine run -> ``NegativeSelector`` with other rules -> the same outputs.
+Run them as ``kalm mine|select ...`` or ``python -m pipelines.mine ...``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import sys
 import time
 from collections import Counter
@@ -21,40 +25,37 @@ from typing import Literal
 import pyarrow.parquet as pq
 
 from operators.ann import IndexConfig, ShardSearcher
-from operators.io import InputError, resolve_input
+from operators.io import InputError, InputFiles, resolve_input
 from operators.lookup import build_store
-from operators.mine import MineConfig, QueryMiner, training_rows
+from operators.mine import (
+    CandidateTeacher,
+    MineConfig,
+    NegativeSelector,
+    QueryMiner,
+    st_columns,
+    st_rows,
+    training_rows,
+)
+from operators.model import inspect_model
 from operators.negatives import SelectConfig, normalize_text
 from operators.sink import RowSink
-from operators.storage import resolve, write_json
+from operators.storage import exists, read_json, resolve, write_json
+from pipelines import config as config_mod
 from pipelines import defaults, embed
 from pipelines.config import ConfigError, StorageSettings, to_dict
 from pipelines.job import execute
-from pipelines.runtime import ray_session
+from pipelines.runtime import cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
 
+INDEX_MANIFEST = "_index.json"
+RUN_ONLY = ("overwrite", "address", "search_batch", "miners")  # settings that do not change what is written
+
 
 @dataclass(frozen=True, kw_only=True)
-class MineJobConfig(StorageSettings):
-    queries: str | None = None  # query_id, query, positive_ids; default: the bundled sample queries
-    corpus: str | None = None  # id, text; default: the bundled sample corpus
-    output: str | None = None  # default: kalm-out/mine
-    model: str | None = None  # the retriever/student; default: the bundled all-MiniLM-L6-v2
-    corpus_embeddings: str | None = None  # a kalm embed output of the corpus with the same model, reused
-    query_id_column: str = "query_id"
-    query_column: str = "query"
-    positives_column: str = "positive_ids"
-    corpus_id_column: str = "id"
-    corpus_text_column: str = "text"
-    task: str = defaults.DEFAULT_TASK
-    query_prompt: str = defaults.KALM_QUERY_PROMPT
-    max_length: int | None = None
-    # index
-    index_type: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
-    shard_rows: int = 5_000_000
-    nprobe: int = 32
-    # selection (operators.negatives)
+class SelectionSettings:
+    """The negative-selection rules (``operators.negatives``), shared by ``kalm mine`` and ``kalm select``."""
+
     num_negatives: int = 7
     range_min: int = 0
     range_max: int | None = None
@@ -67,17 +68,6 @@ class MineJobConfig(StorageSettings):
     consistency_rank: int | None = None
     too_few: Literal["keep", "drop", "pad"] = "keep"
     text_rules: bool = True
-    search_batch: int = 1024  # queries per search call
-    num_gpus: float | None = None
-    overwrite: bool = False
-    address: str | None = None
-
-    def __post_init__(self):
-        self.select()  # validates the rules before anything runs
-        # The vector dimension is known after embedding (pq_m must divide it; checked when the shards are built).
-        IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows, nprobe=self.nprobe)
-        if self.search_batch < 1:
-            raise ValueError(f"search_batch must be >= 1, got {self.search_batch}")
 
     def select(self) -> SelectConfig:
         return SelectConfig(
@@ -87,12 +77,80 @@ class MineJobConfig(StorageSettings):
             consistency_rank=self.consistency_rank, too_few=self.too_few,
         )  # fmt: skip
 
+
+@dataclass(frozen=True, kw_only=True)
+class MineJobConfig(StorageSettings, SelectionSettings):
+    queries: str | None = None  # query_id, query, positive_ids; default: the bundled sample queries
+    corpus: str | None = None  # id, text; default: the bundled sample corpus
+    output: str | None = None  # default: kalm-out/mine
+    model: str | None = None  # the retriever/student; default: the bundled all-MiniLM-L6-v2
+    corpus_embeddings: str | None = None  # a kalm embed output of the corpus with the same model, reused
+    index: str | None = None  # a saved index folder (from an earlier run's _work/index) to load instead of building
+    query_id_column: str = "query_id"
+    query_column: str = "query"
+    positives_column: str = "positive_ids"
+    corpus_id_column: str = "id"
+    corpus_text_column: str = "text"
+    task: str = defaults.DEFAULT_TASK
+    query_prompt: str = defaults.KALM_QUERY_PROMPT
+    max_length: int | None = None
+    # index
+    index_type: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
+    shard_rows: int = 5_000_000
+    nprobe: int = 32
+    pool: int | None = None  # neighbours kept per query in the candidates table; default: what the rules need
+    # teacher rescoring of positives and candidates (scores for selection and for the training labels)
+    teacher: str | None = None
+    teacher_kind: Literal["bi-encoder", "cross-encoder"] = "bi-encoder"
+    teacher_query_prompt: str | None = None  # bi-encoder; None: KaLM's, "" for none
+    pair_template: str | None = None
+    activation: Literal["none", "sigmoid"] = "none"
+    teacher_max_length: int | None = None
+    st_columns: bool = True  # also write the sentence-transformers column form
+    search_batch: int = 1024  # queries per search call
+    miners: int = 2  # QueryMiner actors (each fans its batches out to every shard)
+    num_gpus: float | None = None
+    overwrite: bool = False
+    address: str | None = None
+
+    def __post_init__(self):
+        sel = self.select()  # validates the rules before anything runs
+        # The vector dimension is known after embedding (pq_m must divide it; checked when the shards are built).
+        IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows, nprobe=self.nprobe)
+        if self.search_batch < 1 or self.miners < 1:
+            raise ValueError(f"search_batch and miners must be >= 1, got {self.search_batch}, {self.miners}")
+        if self.pool is not None and self.pool < sel.candidates_needed(0):
+            raise ValueError(f"pool ({self.pool}) must hold the rules' window: >= {sel.candidates_needed(0)}")
+        if self.index is not None and self.corpus_embeddings is not None:
+            raise ValueError("give --index or --corpus-embeddings, not both (a saved index already holds them)")
+        self.storage()
+
     def output_uri(self) -> str:
-        return self.output or f"{defaults.DEFAULT_OUTPUT}/mine"
+        return (self.output or f"{defaults.DEFAULT_OUTPUT}/mine").rstrip("/")
+
+    def pool_size(self) -> int:
+        """Neighbours per query before positives: what ``kalm select`` may later select from."""
+        return self.pool or self.select().candidates_needed(0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectJobConfig(StorageSettings, SelectionSettings):
+    candidates: str  # a kalm mine output folder (or its candidates/ folder)
+    output: str | None = None  # default: kalm-out/select
+    st_columns: bool = True
+    overwrite: bool = False
+    address: str | None = None
+
+    def __post_init__(self):
+        self.select()
+        self.storage()
+
+    def output_uri(self) -> str:
+        return (self.output or f"{defaults.DEFAULT_OUTPUT}/select").rstrip("/")
 
 
 def _embed_jobs(job: MineJobConfig) -> tuple[embed.EmbedJobConfig, embed.EmbedJobConfig]:
-    out = job.output_uri().rstrip("/")
+    out = job.output_uri()
     common = dict(model=job.model, max_length=job.max_length, num_gpus=job.num_gpus, overwrite=job.overwrite,
                   address=job.address, storage_endpoint=job.storage_endpoint, storage_region=job.storage_region,
                   storage_retries=job.storage_retries)  # fmt: skip
@@ -117,26 +175,108 @@ def _embed_jobs(job: MineJobConfig) -> tuple[embed.EmbedJobConfig, embed.EmbedJo
     return corpus, queries
 
 
+def _has_rows(inp: InputFiles) -> bool:
+    """Whether any file of ``inp`` holds a row (Parquet: its footer; text formats: a non-blank byte)."""
+    for f in inp.files:
+        if inp.format == "parquet":
+            with inp.fs.open_input_file(f) as fh:
+                if pq.ParquetFile(fh).metadata.num_rows:
+                    return True
+        elif inp.format == "hf":
+            return True
+        else:
+            with inp.fs.open_input_stream(f) as fh:
+                while chunk := fh.read(1 << 16):
+                    if chunk.strip():
+                        return True
+    return False
+
+
 def _check_inputs(job: MineJobConfig) -> None:
+    """Everything that can be checked before Ray starts: inputs exist, have rows and the columns, models load."""
     try:
         q = resolve_input(job.queries or str(defaults.SAMPLE_QUERIES), None, job.storage())
         c = resolve_input(job.corpus or str(defaults.SAMPLE_CORPUS), None, job.storage())
     except InputError as e:
         raise ConfigError(str(e)) from e
-    for inp, cols in ((q, (job.query_id_column, job.query_column, job.positives_column)),
-                      (c, (job.corpus_id_column, job.corpus_text_column))):  # fmt: skip
+    for inp, cols, what in ((q, (job.query_id_column, job.query_column, job.positives_column), "queries"),
+                            (c, (job.corpus_id_column, job.corpus_text_column), "corpus")):  # fmt: skip
+        if not _has_rows(inp):
+            raise ConfigError(f"the {what} ({inp.uri}) has no rows: nothing to mine")
         missing = [x for x in cols if x not in inp.schema.names]
         if missing:
             raise ConfigError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {inp.schema.names}")
+    if job.index is not None:
+        fs, root = resolve(job.index, job.storage())
+        if not exists(fs, f"{root}/{INDEX_MANIFEST}"):
+            raise ConfigError(f"--index {job.index!r} holds no saved index ({INDEX_MANIFEST} missing)")
+    if job.teacher is not None:
+        try:
+            inspect_model(job.teacher, storage=job.storage())
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--teacher: {e}") from e
 
 
-def _build_shards(job: MineJobConfig, corpus_manifest: dict, corpus_out: str):
-    """Start the shard actors over the corpus embedding files, ``shard_rows`` vectors at most per shard."""
+def _teacher(job: MineJobConfig):
+    """The teacher's TeacherConfig (``kalm score``'s resolution of placement, prompt and limits), or None."""
+    if job.teacher is None:
+        return None
+    from pipelines import score
+
+    sj = score.ScoreJobConfig(teacher=job.teacher, teacher_kind=job.teacher_kind, task=job.task,
+                              query_prompt=job.teacher_query_prompt, pair_template=job.pair_template,
+                              activation=job.activation, max_length=job.teacher_max_length, num_gpus=job.num_gpus,
+                              batch_size=min(job.search_batch, 64))  # fmt: skip
+    info = inspect_model(job.teacher, storage=job.storage())
+    return score.teacher_config(sj, info, cluster_gpus())
+
+
+def _index_source(job: MineJobConfig, corpus_m: dict, corpus_out: str) -> dict:
+    """What an index is built from: a saved one is reused only if all of this matches."""
+    return {"corpus_embeddings": corpus_out, "files": corpus_m["files"], "weights_sha256": corpus_m["model"][
+        "weights_sha256"], "index_type": job.index_type, "shard_rows": job.shard_rows,
+        "id_column": job.corpus_id_column}  # fmt: skip
+
+
+def _start_shards(job: MineJobConfig, dim: int, count: int) -> list:
     import ray
 
-    fs, root = resolve(corpus_out, job.storage())
-    files = [f"{root}/{f}" for f in corpus_manifest["files"]]
-    rows = [pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files]
+    cfg = IndexConfig(dim=dim, index_type=job.index_type, shard_rows=job.shard_rows, nprobe=job.nprobe)
+    actor = ray.remote(num_cpus=0.25)(ShardSearcher)
+    return [actor.remote(cfg, job.shard_rows, i) for i in range(count)]
+
+
+def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
+    import ray
+
+    fs, root = resolve(uri, job.storage())
+    shards = _start_shards(job, meta["dim"], len(meta["shards"]))
+    sizes = ray.get([s.load_saved.remote(fs, f"{root}/{p}") for s, p in zip(shards, meta["shards"])])
+    if sum(sizes) != meta["vectors"]:
+        raise ConfigError(f"index {uri!r}: {sum(sizes)} vectors loaded, its manifest says {meta['vectors']}")
+    logger.info("index loaded from %s: %d shard(s), %d vectors", uri, len(shards), sum(sizes))
+    return shards
+
+
+def _open_index(job: MineJobConfig, corpus_m: dict | None, corpus_out: str) -> tuple[list, dict]:
+    """The index shards: loaded from ``--index``, reused from this output's ``_work/index`` when built from the same
+    embeddings and settings (a rerun or resume), else built from the corpus embeddings and saved there."""
+    import ray
+
+    if job.index is not None:
+        fs, root = resolve(job.index, job.storage())
+        meta = read_json(fs, f"{root}/{INDEX_MANIFEST}")
+        return _load_index(job, job.index, meta), meta
+    saved = f"{job.output_uri()}/_work/index"
+    fs, root = resolve(saved, job.storage())
+    source = _index_source(job, corpus_m, corpus_out)
+    if not job.overwrite and exists(fs, f"{root}/{INDEX_MANIFEST}"):
+        meta = read_json(fs, f"{root}/{INDEX_MANIFEST}")
+        if meta.get("source") == source:
+            return _load_index(job, saved, meta), meta
+    cfs, croot = resolve(corpus_out, job.storage())
+    files = [f"{croot}/{f}" for f in corpus_m["files"]]
+    rows = [pq.ParquetFile(cfs.open_input_file(f)).metadata.num_rows for f in files]
     groups, current, size = [], [], 0
     for f, n in zip(files, rows):
         if current and size + n > job.shard_rows:
@@ -146,46 +286,64 @@ def _build_shards(job: MineJobConfig, corpus_manifest: dict, corpus_out: str):
         size += n
     if current:
         groups.append(current)
-    dim = corpus_manifest["model"]["hidden_size"]
-    cfg = IndexConfig(dim=dim, index_type=job.index_type, shard_rows=job.shard_rows, nprobe=job.nprobe)
-    actor = ray.remote(num_cpus=0.25)(ShardSearcher)
-    shards = [actor.remote(cfg, job.shard_rows, i) for i in range(len(groups))]
-    vec_col = corpus_manifest["columns"]["vectors"][0]
-    sizes = ray.get([s.add_parquet.remote(fs, g, job.corpus_id_column, vec_col) for s, g in zip(shards, groups)])
-    logger.info("index: %d shard(s), %d vectors (%s)", len(shards), sum(sizes), job.index_type)
-    return shards, sum(sizes)
+    if not groups or not sum(rows):
+        c = corpus_m["counts"]
+        raise ConfigError(f"the corpus has no embeddable rows ({c['rows_in']} read, {c['rows_rejected']} rejected "
+                          f"{c['rejected_by_reason']}): nothing to search")  # fmt: skip
+    dim = corpus_m["model"]["hidden_size"]
+    shards = _start_shards(job, dim, len(groups))
+    vec_col = corpus_m["columns"]["vectors"][0]
+    sizes = ray.get([s.add_parquet.remote(cfs, g, job.corpus_id_column, vec_col) for s, g in zip(shards, groups)])
+    names = [f"shard-{i:05d}" for i in range(len(shards))]
+    fs.create_dir(root, recursive=True)
+    ray.get([s.save.remote(fs, f"{root}/{n}") for s, n in zip(shards, names)])
+    meta = {"source": source, "dim": dim, "shards": names, "vectors": sum(sizes), "index_type": job.index_type,
+            "weights_sha256": corpus_m["model"]["weights_sha256"]}  # fmt: skip
+    write_json(fs, f"{root}/{INDEX_MANIFEST}", meta)  # last: a half-saved index has no manifest and is rebuilt
+    logger.info("index built: %d shard(s), %d vectors (%s), saved to %s", len(shards), sum(sizes), job.index_type,
+                saved)  # fmt: skip
+    return shards, meta
+
+
+def _id_type(job: MineJobConfig, index_uri: str, meta: dict):
+    fs, root = resolve(index_uri, job.storage())
+    return pq.read_schema(f"{root}/{meta['shards'][0]}.ids.parquet", filesystem=fs).field("id").type
 
 
 def run(job: MineJobConfig) -> dict:
-    """Embed, index, search and select; returns the manifest of the candidates table."""
+    """Embed, index, search, rescore and select; returns the run's report (also ``{output}/_manifest.json``)."""
     t0 = time.perf_counter()
     _check_inputs(job)
     corpus_job, query_job = _embed_jobs(job)
+    timings = {}
     with ray_session(job.address):
         t = time.perf_counter()
-        corpus_m = embed.run(corpus_job) if job.corpus_embeddings is None else None
-        if corpus_m is None:  # reuse: its manifest says which files, model and columns
+        corpus_m = None
+        if job.index is None and job.corpus_embeddings is None:
+            corpus_m = embed.run(corpus_job)
+        elif job.corpus_embeddings is not None:  # reuse: its manifest says which files, model and columns
             fs, root = resolve(job.corpus_embeddings, job.storage())
-            with fs.open_input_stream(f"{root}/_manifest.json") as f:
-                corpus_m = json.loads(f.read())
+            corpus_m = read_json(fs, f"{root}/_manifest.json")
         query_m = embed.run(query_job)
-        embed_s = time.perf_counter() - t
-        if corpus_m["model"]["weights_sha256"] != query_m["model"]["weights_sha256"]:
-            raise ConfigError("--corpus-embeddings were made with another model than the one embedding the queries")
+        timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
-        shards, indexed = _build_shards(job, corpus_m, corpus_job.output)
+        shards, meta = _open_index(job, corpus_m, corpus_job.output)
+        if meta["weights_sha256"] != query_m["model"]["weights_sha256"]:
+            raise ConfigError("the corpus vectors (--corpus-embeddings or --index) were made with another model "
+                              "than the one embedding the queries")  # fmt: skip
         corpus_inp = resolve_input(corpus_job.input, None, job.storage())
         texts = build_store(corpus_inp, id_column=job.corpus_id_column, text_column=job.corpus_text_column,
                             shards=4, num_cpus=0.25)  # fmt: skip
         queries_inp = resolve_input(query_job.input, None, job.storage())
         by_text = build_store(queries_inp, id_column=job.query_column, text_column=job.positives_column, shards=2,
                               num_cpus=0.25, key_of=normalize_text, union=True)  # fmt: skip
-        index_s = time.perf_counter() - t
-        cfs, croot = resolve(corpus_job.output, job.storage())
-        id_type = pq.read_schema(f"{croot}/{corpus_m['files'][0]}", filesystem=cfs).field(job.corpus_id_column).type
+        timings["index"] = time.perf_counter() - t
+        index_uri = job.index or f"{job.output_uri()}/_work/index"
         mcfg = MineConfig(select=job.select(), query_id_column=job.query_id_column, query_column=job.query_column,
                           positives_column=job.positives_column, embedding_column=query_m["columns"]["vectors"][0],
-                          text_rules=job.text_rules, id_type=id_type)  # fmt: skip
+                          text_rules=job.text_rules, id_type=_id_type(job, index_uri, meta),
+                          pool=job.pool)  # fmt: skip
+        teacher = _teacher(job)
         vectors = resolve_input(query_job.output, "parquet", job.storage())
 
         def build(out, gpus):
@@ -194,83 +352,184 @@ def run(job: MineJobConfig) -> dict:
             ds = out.read(vectors, columns=None, num_cpus=0.25)
             if ds is not None:
                 ds = ds.map_batches(QueryMiner, fn_constructor_kwargs={"cfg": mcfg, "shards": shards,
-                                                           "texts": texts if job.text_rules else None,
-                                                           "positives_by_text": by_text},
-                                    batch_size=job.search_batch, compute=ActorPoolStrategy(size=1), num_cpus=0.25,
-                                    udf_modifying_row_count=False)  # fmt: skip
-            sink = RowSink(out.root, filesystem=out.fs, attempt=out.attempt, rows_per_file=100_000,
-                           id_column=job.query_id_column)  # fmt: skip
-            return ds, sink
+                                                                       "positives_by_text": by_text},
+                                    batch_size=job.search_batch, compute=ActorPoolStrategy(min_size=1,
+                                    max_size=job.miners), num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
+                if teacher is not None:
+                    ds = ds.map_batches(
+                        CandidateTeacher,
+                        fn_constructor_kwargs={"cfg": mcfg, "teacher": teacher, "texts": texts},
+                        batch_size=teacher.batch_size,
+                        compute=ActorPoolStrategy(size=teacher.replicas),
+                        num_gpus=teacher.num_gpus or None,
+                        num_cpus=teacher.num_cpus,
+                        udf_modifying_row_count=False,
+                    )
+                ds = _selected(ds, mcfg, texts)
+            return ds, _candidates_sink(out, job.query_id_column)
 
         settings = to_dict(job)
-        fingerprint = {k: v for k, v in settings.items() if k not in ("overwrite", "address", "search_batch")}
-        fingerprint.update(corpus_weights=corpus_m["model"]["weights_sha256"])
+        fingerprint = {k: v for k, v in settings.items() if k not in RUN_ONLY}
+        fingerprint.update(corpus_weights=meta["weights_sha256"])
+        teacher_info = None if teacher is None else {"name": teacher.model.name, "kind": teacher.kind,
+                                                     "path": teacher.model.path}  # fmt: skip
         manifest = execute(
-            "mine",
-            inp=vectors,
-            output=f"{job.output_uri().rstrip('/')}/candidates",
-            storage=job.storage(),
-            fingerprint=fingerprint,
-            overwrite=job.overwrite,
-            address=job.address,
-            io_num_cpus=0.25,
-            build=build,
-            describe=lambda: {"index": {"type": job.index_type, "shards": len(shards), "vectors": indexed}},
+            "mine", inp=vectors, output=f"{job.output_uri()}/candidates", storage=job.storage(),
+            fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25, build=build,
+            describe=lambda: {"index": {k: meta[k] for k in ("index_type", "shards", "vectors")} | {"path": index_uri},
+                              "pool": job.pool_size(), "teacher": teacher_info},
             config=settings,
-        )
-        train = _write_training(job, mcfg, texts, settings, corpus_m)
-    report = _report(job, manifest, corpus_m, query_m, timings={"embed": embed_s, "index": index_s,
-                                                               "total": time.perf_counter() - t0})  # fmt: skip
-    report["training_file"] = {"path": f"{job.output_uri().rstrip('/')}/train", **train["counts"]}
+        )  # fmt: skip
+        timings["search_select"] = manifest["timings_s"]["pipeline"]
+        t = time.perf_counter()
+        train = write_training(job, job.output_uri(), mcfg, texts, fingerprint)
+        timings["training_files"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report = _report("mine", job.output_uri(), job.storage(), manifest, train, timings, to_dict(job))
+    report.update(corpus=corpus_m["counts"] if corpus_m else {"index": index_uri}, query_embedding=query_m["counts"])
     fs, root = resolve(job.output_uri(), job.storage())
     write_json(fs, f"{root}/_manifest.json", report)
     return report
 
 
-def _write_training(job: MineJobConfig, mcfg: MineConfig, texts: list, settings: dict, corpus_m: dict) -> dict:
-    """The candidates table as a KaLM/FlagEmbedding training file (JSONL) under ``{output}/train``."""
-    root = job.output_uri().rstrip("/")
-    candidates = resolve_input(f"{root}/candidates", "parquet", job.storage())
-    prompt = job.query_prompt.replace("{task}", job.task).split("{text}")[0]
+def _selected(ds, mcfg: MineConfig, texts: list):
+    return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts}, batch_size=1024,
+                          compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
 
-    def build(out, gpus):
+
+def _cpu_pool():
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(min_size=1, max_size=2)
+
+
+def _candidates_sink(out, id_column: str) -> RowSink:
+    return RowSink(out.root, filesystem=out.fs, attempt=out.attempt, rows_per_file=100_000, id_column=id_column)
+
+
+def write_training(job, root: str, mcfg: MineConfig, texts: list, fingerprint: dict) -> dict:
+    """The candidates table as training files: KaLM/FlagEmbedding JSONL under ``{root}/train`` and, with
+    ``job.st_columns``, sentence-transformers columns (Parquet) under ``{root}/train-st``. Returns their manifests."""
+    candidates = resolve_input(f"{root}/candidates", "parquet", job.storage())
+    prompt = ""
+    if isinstance(job, MineJobConfig):
+        prompt = job.query_prompt.replace("{task}", job.task).split("{text}")[0]
+    fingerprint = {**fingerprint, "prompt": prompt}
+    qid = mcfg.query_id_column
+
+    def jsonl(out, gpus):
         ds = out.read(candidates, columns=None, num_cpus=0.25)
         if ds is not None:
             ds = ds.map_batches(training_rows, fn_kwargs={"cfg": mcfg, "texts": texts, "prompt": prompt},
                                 batch_size=4096, num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
-        cols = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", job.query_id_column, "pos_ids", "neg_ids")
+        cols = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", qid, "pos_ids", "neg_ids")
         sink = RowSink(out.root, columns=cols, output_format="jsonl", filesystem=out.fs, attempt=out.attempt,
-                       rows_per_file=50_000, id_column=job.query_id_column, reject_columns=())  # fmt: skip
+                       rows_per_file=50_000, id_column=qid, reject_columns=())  # fmt: skip
         return ds, sink
 
-    fingerprint = {k: v for k, v in settings.items() if k not in ("overwrite", "address", "search_batch")}
-    fingerprint.update(corpus_weights=corpus_m["model"]["weights_sha256"], prompt=prompt)
-    return execute("mine-train", inp=candidates, output=f"{root}/train", storage=job.storage(),
-                   fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25,
-                   build=build, describe=dict, config=settings)  # fmt: skip
+    def st(out, gpus):
+        ds = out.read(candidates, columns=None, num_cpus=0.25)
+        if ds is not None:
+            ds = ds.map_batches(st_rows, fn_kwargs={"cfg": mcfg, "texts": texts}, batch_size=4096, num_cpus=0.25,
+                                udf_modifying_row_count=True)  # fmt: skip
+        sink = RowSink(out.root, columns=st_columns(mcfg.select.num_negatives), filesystem=out.fs,
+                       attempt=out.attempt, rows_per_file=100_000, id_column=qid, reject_columns=())  # fmt: skip
+        return ds, sink
+
+    result = {}
+    for name, build, on in (("train", jsonl, True), ("train-st", st, job.st_columns)):
+        if on:
+            result[name] = execute(f"training-file:{name}", inp=candidates, output=f"{root}/{name}",
+                                   storage=job.storage(), fingerprint=fingerprint, overwrite=job.overwrite,
+                                   address=job.address, io_num_cpus=0.25, build=build, describe=dict,
+                                   config={})  # fmt: skip
+    return result
 
 
-def _report(job, manifest, corpus_m, query_m, timings) -> dict:
+def _report(command: str, root: str, storage, manifest: dict, train: dict, timings: dict, config: dict) -> dict:
     """Counts per stage and per rule, from the candidates table the run wrote."""
-    fs, root = resolve(f"{job.output_uri().rstrip('/')}/candidates", job.storage())
-    removed, dropped, negs = Counter(), Counter(), 0
+    fs, croot = resolve(f"{root}/candidates", storage)
+    removed, dropped, negs, missing = Counter(), Counter(), 0, 0
     for f in manifest["files"]:
-        t = pq.read_table(f"{root}/{f}", columns=["removed", "dropped", "neg_ids"], filesystem=fs)
+        t = pq.read_table(f"{croot}/{f}", columns=["removed", "dropped", "neg_ids", "missing_positives"],
+                          filesystem=fs)  # fmt: skip
         for r in t.column("removed").to_pylist():
             removed.update(json.loads(r))
         dropped.update(x for x in t.column("dropped").to_pylist() if x)
         negs += sum(len(x) for x in t.column("neg_ids").to_pylist())
+        missing += sum(t.column("missing_positives").to_pylist())
+    files = {name: {"path": f"{root}/{name}", **{k: m["counts"][k] for k in ("rows_in", "rows_out", "rows_rejected",
+                                                                             "rejected_by_reason")}}
+             for name, m in train.items()}  # fmt: skip
     return {
-        "command": "mine",
+        "command": command,
         "queries": {**manifest["counts"], "dropped_by_reason": dict(sorted(dropped.items()))},
         "negatives_chosen": negs,
+        "positives_missing_from_corpus": missing,
         "candidates_removed_by_rule": dict(sorted(removed.items())),
-        "corpus": corpus_m["counts"],
-        "query_embedding": query_m["counts"],
         "index": manifest.get("index"),
-        "config": to_dict(job),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()} | {"search": manifest["timings_s"]["pipeline"]},
+        "pool": manifest.get("pool"),
+        "teacher": manifest.get("teacher"),
+        "training_files": files,
+        "config": config,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _mine_root(job: SelectJobConfig) -> tuple[str, dict]:
+    """The mine output a select job reads, and that run's report."""
+    uri = job.candidates.rstrip("/")
+    for root in (uri, posixpath.dirname(uri)):
+        fs, path = resolve(root, job.storage())
+        if exists(fs, f"{path}/_manifest.json") and exists(fs, f"{path}/candidates/_manifest.json"):
+            report = read_json(fs, f"{path}/_manifest.json")
+            if report.get("command") in ("mine", "select"):
+                return root, report
+    raise ConfigError(f"--candidates {job.candidates!r} is not a finished kalm mine output (no candidates/ and "
+                      "_manifest.json written by kalm mine)")  # fmt: skip
+
+
+def run_select(job: SelectJobConfig) -> dict:
+    """Re-apply selection rules to a mine run's candidates table, without searching again."""
+    t0 = time.perf_counter()
+    src, report = _mine_root(job)
+    if job.output_uri() == src:
+        raise ConfigError("--output must differ from the mine output it selects from")
+    mine_job = config_mod.build(MineJobConfig, {**report["config"], "overwrite": False, "address": None})
+    have, need = report.get("pool") or mine_job.pool_size(), job.select().candidates_needed(0)
+    if need > have:
+        raise ConfigError(f"these rules need {need} candidates per query (window {job.select().window_end()}), but "
+                          f"{src} kept {have}; rerun kalm mine with --pool {need} or more")  # fmt: skip
+    candidates = resolve_input(f"{src}/candidates", "parquet", job.storage())
+    timings = {}
+    with ray_session(job.address):
+        id_type = candidates.schema.field("candidate_ids").type.value_type
+        mcfg = MineConfig(select=job.select(), query_id_column=mine_job.query_id_column,
+                          query_column=mine_job.query_column, positives_column=mine_job.positives_column,
+                          text_rules=job.text_rules, id_type=id_type, pool=mine_job.pool)  # fmt: skip
+        corpus_inp = resolve_input(mine_job.corpus or str(defaults.SAMPLE_CORPUS), None, job.storage())
+        texts = build_store(corpus_inp, id_column=mine_job.corpus_id_column,
+                            text_column=mine_job.corpus_text_column, shards=4, num_cpus=0.25)  # fmt: skip
+
+        def build(out, gpus):
+            ds = out.read(candidates, columns=None, num_cpus=0.25)
+            return (None if ds is None else _selected(ds, mcfg, texts)), _candidates_sink(out, mcfg.query_id_column)
+
+        settings = to_dict(job)
+        fingerprint = {k: v for k, v in settings.items() if k not in RUN_ONLY}
+        manifest = execute("select", inp=candidates, output=f"{job.output_uri()}/candidates", storage=job.storage(),
+                           fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25,
+                           build=build, describe=lambda: {"pool": have, "teacher": report.get("teacher"),
+                                                          "index": report.get("index")},
+                           config=settings)  # fmt: skip
+        timings["select"] = manifest["timings_s"]["pipeline"]
+        train = write_training(job, job.output_uri(), mcfg, texts, fingerprint)
+    timings["total"] = time.perf_counter() - t0
+    out = _report("select", job.output_uri(), job.storage(), manifest, train, timings, settings)
+    out["source"] = {"mine_output": src, "queries_rejected_there": report["queries"]["rejected_by_reason"]}
+    fs, root = resolve(job.output_uri(), job.storage())
+    write_json(fs, f"{root}/_manifest.json", out)
+    return out
 
 
 if __name__ == "__main__":

@@ -108,6 +108,44 @@ OUTPUT_SETTINGS = (
 )  # fmt: skip
 
 
+def teacher_config(job: ScoreJobConfig, info, gpus_in_cluster: float | None) -> TeacherConfig:
+    """The teacher's resolved settings (placement, prompt, limits) from a job's settings; ``kalm mine`` uses it
+    too, through a ScoreJobConfig of its teacher settings."""
+    num_gpus = job.num_gpus if job.num_gpus is not None else (1.0 if (gpus_in_cluster or 0) > 0 else 0.0)
+    if num_gpus > 0 and gpus_in_cluster == 0 and job.replicas is None:
+        raise ValueError(f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0")
+    replicas = job.replicas or (max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1)
+    query_prompt = job.query_prompt
+    if query_prompt is None:
+        query_prompt = "" if job.teacher is None else defaults.KALM_QUERY_PROMPT
+    teacher = TeacherConfig(
+        model=info,
+        kind=job.teacher_kind,
+        query_column=job.query_column,
+        pos_column=job.pos_column,
+        neg_column=job.neg_column,
+        prompt_column=job.prompt_column,
+        query_prompt=query_prompt.replace("{task}", job.task) if job.teacher_kind == "bi-encoder" else None,
+        document_prompt=job.document_prompt or None,
+        pair_template=job.pair_template,
+        max_length=job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512),
+        pooling=job.pooling or info.st_pooling or "mean",
+        activation=job.activation,
+        temperature=job.temperature,
+        compute_dtype=job.compute_dtype,
+        bidirectional=job.bidirectional,
+        trust_remote_code=job.trust_remote_code,
+        device=job.device,
+        max_tokens=job.max_tokens or (65536 if num_gpus > 0 else 2048),
+        max_rows=job.max_rows or (2048 if num_gpus > 0 else 64),
+        batch_size=job.batch_size,
+        replicas=replicas,
+        num_gpus=num_gpus,
+        num_cpus=job.scorer_num_cpus if job.scorer_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
+    )
+    return teacher
+
+
 def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: InputFiles | None = None) -> ScorePlan:
     """Resolve defaults and check everything that needs no cluster: input columns, teacher, ranges."""
     try:
@@ -134,38 +172,7 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
         if missing:
             hint = "" if ids else " (for ID-keyed rows, also give --queries and --corpus)"
             raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}{hint}")
-        num_gpus = job.num_gpus if job.num_gpus is not None else (1.0 if (gpus_in_cluster or 0) > 0 else 0.0)
-        if num_gpus > 0 and gpus_in_cluster == 0 and job.replicas is None:
-            raise ValueError(f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0")
-        replicas = job.replicas or (max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1)
-        query_prompt = job.query_prompt
-        if query_prompt is None:
-            query_prompt = "" if job.teacher is None else defaults.KALM_QUERY_PROMPT
-        teacher = TeacherConfig(
-            model=info,
-            kind=job.teacher_kind,
-            query_column=job.query_column,
-            pos_column=job.pos_column,
-            neg_column=job.neg_column,
-            prompt_column=job.prompt_column,
-            query_prompt=query_prompt.replace("{task}", job.task) if job.teacher_kind == "bi-encoder" else None,
-            document_prompt=job.document_prompt or None,
-            pair_template=job.pair_template,
-            max_length=job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512),
-            pooling=job.pooling or info.st_pooling or "mean",
-            activation=job.activation,
-            temperature=job.temperature,
-            compute_dtype=job.compute_dtype,
-            bidirectional=job.bidirectional,
-            trust_remote_code=job.trust_remote_code,
-            device=job.device,
-            max_tokens=job.max_tokens or (65536 if num_gpus > 0 else 2048),
-            max_rows=job.max_rows or (2048 if num_gpus > 0 else 64),
-            batch_size=job.batch_size,
-            replicas=replicas,
-            num_gpus=num_gpus,
-            num_cpus=job.scorer_num_cpus if job.scorer_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
-        )
+        teacher = teacher_config(job, info, gpus_in_cluster)
         rows = TrainingRowsConfig(query_column=job.query_column, pos_column=job.pos_column, neg_column=job.neg_column)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e

@@ -15,6 +15,7 @@ from operators.teacher import TeacherConfig, TeacherScorer, flatten_pairs, fold_
 from operators.validate import REJECT_COLUMN, TrainingRowsConfig, training_reject_reasons, validate_training_rows
 from pipelines.cli import EXIT_BAD_CONFIG, main
 from tests.conftest import WORDS
+from tests.reference import cross_scores
 
 
 def test_flatten_and_fold_keep_alignment():
@@ -65,30 +66,13 @@ def _batch(rows):
     return validate_training_rows(b, cfg=TrainingRowsConfig())
 
 
-def _direct_cross_scores(model_path, rows, max_length):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
-    out = []
-    for r in rows:
-        scores = []
-        for d in r["pos"] + r["neg"]:
-            enc = tok(r["query"], d, truncation=True, max_length=max_length, return_tensors="pt")
-            with torch.no_grad():
-                scores.append(float(model(**enc).logits[0, 0]))
-        out.append(scores)
-    return out
-
-
 @pytest.mark.parametrize("max_tokens,max_rows", [(64, 1), (512, 3), (4096, 64)])
 def test_cross_encoder_equals_direct_forward_whatever_the_batching(tiny_cross_encoder, max_tokens, max_rows):
     rows = _rows()
     cfg = TeacherConfig(model=inspect_model(tiny_cross_encoder), kind="cross-encoder", max_length=32,
                         max_tokens=max_tokens, max_rows=max_rows, temperature=0.05)  # fmt: skip
     out = TeacherScorer(cfg)(_batch(rows)).to_pydict()
-    expected = _direct_cross_scores(tiny_cross_encoder, rows, 32)
+    expected = cross_scores(tiny_cross_encoder, rows, 32)
     for i, r in enumerate(rows):
         got = list(out["pos_scores"][i]) + list(out["neg_scores"][i])
         assert len(out["pos_scores"][i]) == len(r["pos"]) and len(out["neg_scores"][i]) == len(r["neg"])
@@ -102,7 +86,7 @@ def test_cross_encoder_sigmoid(tiny_cross_encoder):
     cfg = TeacherConfig(model=inspect_model(tiny_cross_encoder), kind="cross-encoder", max_length=32,
                         activation="sigmoid")  # fmt: skip
     out = TeacherScorer(cfg)(_batch(rows)).to_pydict()
-    expected = 1 / (1 + np.exp(-np.array(_direct_cross_scores(tiny_cross_encoder, rows, 32)[1])))
+    expected = 1 / (1 + np.exp(-np.array(cross_scores(tiny_cross_encoder, rows, 32)[1])))
     assert np.abs(np.array(list(out["pos_scores"][1]) + list(out["neg_scores"][1])) - expected).max() <= 1e-4
 
 
@@ -149,7 +133,7 @@ def test_kalm_score_end_to_end_with_bad_rows(ray_local, tiny_cross_encoder, tmp_
     assert rc == 0
     lines = [json.loads(x) for f in sorted(out.glob("part-*.jsonl")) for x in f.read_text().splitlines()]
     assert len(lines) == len(good)
-    expected = {r["query"]: s for r, s in zip(good, _direct_cross_scores(tiny_cross_encoder, good, 32))}
+    expected = {r["query"]: s for r, s in zip(good, cross_scores(tiny_cross_encoder, good, 32))}
     for line in lines:
         assert len(line["pos_scores"]) == len(line["pos"]) and len(line["neg_scores"]) == len(line["neg"])
         got = line["pos_scores"] + line["neg_scores"]
@@ -197,7 +181,7 @@ def test_kalm_score_id_keyed_rows(ray_local, tiny_cross_encoder, tmp_path):
     assert sorted(got[0]) == ["neg_ids", "neg_scores", "pos_ids", "pos_scores", "query_id"]  # ids kept, no texts
     text_rows = [{"query": queries[r["query_id"]], "pos": [docs[d] for d in r["pos_ids"]],
                   "neg": [docs[d] for d in r["neg_ids"]]} for r in rows[:2]]  # fmt: skip
-    expected = _direct_cross_scores(tiny_cross_encoder, text_rows, 32)
+    expected = cross_scores(tiny_cross_encoder, text_rows, 32)
     by_first = {tuple(r["pos_ids"]): r for r in got}
     for r, e in zip(rows[:2], expected):
         line = by_first[tuple(r["pos_ids"])]
