@@ -24,6 +24,7 @@ class TextStore:
 
     def __init__(self):
         self.texts: dict[bytes, str] = {}
+        self.longest = 0  # the longest list stored by put_union
 
     def put(self, keys: list[bytes], texts: list) -> int:
         for k, t in zip(keys, texts):
@@ -35,7 +36,11 @@ class TextStore:
         for k, items in zip(keys, lists):
             current = self.texts.setdefault(k, [])
             current.extend(x for x in items if x not in current)
+            self.longest = max(self.longest, len(current))
         return len(keys)
+
+    def longest_list(self) -> int:
+        return self.longest
 
     def get(self, keys: list[bytes]) -> list:
         return [self.texts.get(k) for k in keys]

@@ -41,12 +41,17 @@ class MineConfig:
     embedding_column: str = "embedding"
     text_rules: bool = True  # drop candidates whose text equals a positive's or the query's, and duplicate texts
     id_type: pa.DataType = pa.string()  # the corpus id type, so id lists are typed the same in every block
-    pool: int | None = None  # neighbours kept per query; default: what ``select`` needs (see ``pool_for``)
+    max_positives: int = 1  # the most positives any query has (with those of queries sharing its text)
+    pool: int | None = None  # neighbours kept per query; default: what ``select`` needs (``window``)
 
-    def pool_for(self, positives: int) -> int:
-        """Neighbours kept for a query with this many positives: ``pool``, else the rules' window plus room for the
-        positives themselves (and for padding). Per query, so a row's candidates do not depend on its batch."""
-        return self.pool or self.select.candidates_needed(positives)
+    def window(self) -> int:
+        """Neighbours the rules select from: the window plus room for the positives (and for padding), with the
+        run's largest positive count for every query, as sentence-transformers' ``range_max + max_positives``. Fixed
+        for the run, so a row's negatives depend neither on its batch nor on how many neighbours the table kept."""
+        return self.select.candidates_needed(self.max_positives)
+
+    def pool_size(self) -> int:
+        return max(self.pool or 0, self.window())
 
     def types(self) -> dict[str, pa.DataType]:
         ids, floats = pa.list_(self.id_type), pa.list_(pa.float64())
@@ -96,8 +101,7 @@ class QueryMiner:
             shared = lookup(self.by_text, [normalize_text(str(t)) for t in batch[cfg.query_column]])
             positives = [p + [x for x in (more or []) if x not in p] for p, more in zip(positives, shared)]
         q = _vectors(batch[cfg.embedding_column])  # [B, D]
-        pools = [cfg.pool_for(len(p)) for p in positives]
-        k = max(pools, default=1)
+        k = cfg.pool_size()
         found = ray.get([s.search_ids.remote(q, k) for s in self.shards])
         names = {}
         for _, gids, ids in found:
@@ -111,9 +115,9 @@ class QueryMiner:
         out = {c: np.empty(n, dtype=object) for c in cols}
         missing = np.zeros(n, dtype=np.int64)
         for i in range(n):
-            cand = [names[g] for g in gids[i, : pools[i]].tolist() if g >= 0]
-            cs = scores[i, : len(cand)]
             pos_ids = [p for p in positives[i] if p in pos_found[i]]
+            cand = [names[g] for g in gids[i].tolist() if g >= 0]
+            cs = scores[i, : len(cand)]
             pos_scores = [pos_found[i][p] for p in pos_ids]
             is_pos = set(positives[i])
             others = np.array([s for c, s in zip(cand, cs.tolist()) if c not in is_pos])
@@ -202,15 +206,18 @@ class NegativeSelector:
             if reasons[i]:
                 continue
             exclude = [*named[i], *(p for p in pos_ids[i] if p not in named[i])]
-            scores = np.asarray(cand_scores[i], dtype=np.float64)
+            # The rules see the neighbours they would have been mined with, however many the table kept (--pool), so
+            # re-selecting equals mining afresh with these rules.
+            keep = cfg.window()
+            scores = np.asarray(cand_scores[i][:keep], dtype=np.float64)
             sel = select_negatives(
-                cand[i],
+                cand[i][:keep],
                 scores,
                 positive_ids=set(exclude),
                 positive_scores=np.asarray(pos_scores[i], dtype=np.float64),
                 cfg=cfg.select,
                 query_id=batch[cfg.query_id_column][i],
-                cand_texts=[text_of.get(c) or "" for c in cand[i]] if text_of else None,
+                cand_texts=[text_of.get(c) or "" for c in cand[i][:keep]] if text_of else None,
                 positive_texts=[text_of[p] for p in exclude if text_of.get(p)] if text_of else (),
                 query_text=batch[cfg.query_column][i] if text_of else None,
             )

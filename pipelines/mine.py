@@ -119,18 +119,14 @@ class MineJobConfig(StorageSettings, SelectionSettings):
         IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows, nprobe=self.nprobe)
         if self.search_batch < 1 or self.miners < 1:
             raise ValueError(f"search_batch and miners must be >= 1, got {self.search_batch}, {self.miners}")
-        if self.pool is not None and self.pool < sel.candidates_needed(0):
-            raise ValueError(f"pool ({self.pool}) must hold the rules' window: >= {sel.candidates_needed(0)}")
+        if self.pool is not None and self.pool < sel.candidates_needed(1):
+            raise ValueError(f"pool ({self.pool}) must hold the rules' window: >= {sel.candidates_needed(1)}")
         if self.index is not None and self.corpus_embeddings is not None:
             raise ValueError("give --index or --corpus-embeddings, not both (a saved index already holds them)")
         self.storage()
 
     def output_uri(self) -> str:
         return (self.output or f"{defaults.DEFAULT_OUTPUT}/mine").rstrip("/")
-
-    def pool_size(self) -> int:
-        """Neighbours per query before positives: what ``kalm select`` may later select from."""
-        return self.pool or self.select().candidates_needed(0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +308,8 @@ def _id_type(job: MineJobConfig, index_uri: str, meta: dict):
 
 def run(job: MineJobConfig) -> dict:
     """Embed, index, search, rescore and select; returns the run's report (also ``{output}/_manifest.json``)."""
+    import ray
+
     t0 = time.perf_counter()
     _check_inputs(job)
     corpus_job, query_job = _embed_jobs(job)
@@ -337,12 +335,13 @@ def run(job: MineJobConfig) -> dict:
         queries_inp = resolve_input(query_job.input, None, job.storage())
         by_text = build_store(queries_inp, id_column=job.query_column, text_column=job.positives_column, shards=2,
                               num_cpus=0.25, key_of=normalize_text, union=True)  # fmt: skip
+        max_positives = max(ray.get([s.longest_list.remote() for s in by_text]), default=0)
         timings["index"] = time.perf_counter() - t
         index_uri = job.index or f"{job.output_uri()}/_work/index"
         mcfg = MineConfig(select=job.select(), query_id_column=job.query_id_column, query_column=job.query_column,
                           positives_column=job.positives_column, embedding_column=query_m["columns"]["vectors"][0],
                           text_rules=job.text_rules, id_type=_id_type(job, index_uri, meta),
-                          pool=job.pool)  # fmt: skip
+                          max_positives=max(1, max_positives), pool=job.pool)  # fmt: skip
         teacher = _teacher(job)
         vectors = resolve_input(query_job.output, "parquet", job.storage())
 
@@ -377,7 +376,8 @@ def run(job: MineJobConfig) -> dict:
             "mine", inp=vectors, output=f"{job.output_uri()}/candidates", storage=job.storage(),
             fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25, build=build,
             describe=lambda: {"index": {k: meta[k] for k in ("index_type", "shards", "vectors")} | {"path": index_uri},
-                              "pool": job.pool_size(), "teacher": teacher_info},
+                              "pool": mcfg.pool_size(), "max_positives": mcfg.max_positives,
+                              "teacher": teacher_info},
             config=settings,
         )  # fmt: skip
         timings["search_select"] = manifest["timings_s"]["pipeline"]
@@ -469,6 +469,7 @@ def _report(command: str, root: str, storage, manifest: dict, train: dict, timin
         "candidates_removed_by_rule": dict(sorted(removed.items())),
         "index": manifest.get("index"),
         "pool": manifest.get("pool"),
+        "max_positives": manifest.get("max_positives"),
         "teacher": manifest.get("teacher"),
         "training_files": files,
         "config": config,
@@ -496,17 +497,20 @@ def run_select(job: SelectJobConfig) -> dict:
     if job.output_uri() == src:
         raise ConfigError("--output must differ from the mine output it selects from")
     mine_job = config_mod.build(MineJobConfig, {**report["config"], "overwrite": False, "address": None})
-    have, need = report.get("pool") or mine_job.pool_size(), job.select().candidates_needed(0)
+    max_positives, have = report["max_positives"], report["pool"]
+    need = job.select().candidates_needed(max_positives)
     if need > have:
-        raise ConfigError(f"these rules need {need} candidates per query (window {job.select().window_end()}), but "
-                          f"{src} kept {have}; rerun kalm mine with --pool {need} or more")  # fmt: skip
+        raise ConfigError(f"these rules need {need} candidates per query (window {job.select().window_end()} + "
+                          f"{max_positives} positives), but {src} kept {have}; rerun kalm mine with --pool {need} or "
+                          "more")  # fmt: skip
     candidates = resolve_input(f"{src}/candidates", "parquet", job.storage())
     timings = {}
     with ray_session(job.address):
         id_type = candidates.schema.field("candidate_ids").type.value_type
         mcfg = MineConfig(select=job.select(), query_id_column=mine_job.query_id_column,
                           query_column=mine_job.query_column, positives_column=mine_job.positives_column,
-                          text_rules=job.text_rules, id_type=id_type, pool=mine_job.pool)  # fmt: skip
+                          text_rules=job.text_rules, id_type=id_type, max_positives=max_positives,
+                          pool=have)  # fmt: skip
         corpus_inp = resolve_input(mine_job.corpus or str(defaults.SAMPLE_CORPUS), None, job.storage())
         texts = build_store(corpus_inp, id_column=mine_job.corpus_id_column,
                             text_column=mine_job.corpus_text_column, shards=4, num_cpus=0.25)  # fmt: skip
@@ -519,7 +523,8 @@ def run_select(job: SelectJobConfig) -> dict:
         fingerprint = {k: v for k, v in settings.items() if k not in RUN_ONLY}
         manifest = execute("select", inp=candidates, output=f"{job.output_uri()}/candidates", storage=job.storage(),
                            fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25,
-                           build=build, describe=lambda: {"pool": have, "teacher": report.get("teacher"),
+                           build=build, describe=lambda: {"pool": have, "max_positives": max_positives,
+                                                          "teacher": report.get("teacher"),
                                                           "index": report.get("index")},
                            config=settings)  # fmt: skip
         timings["select"] = manifest["timings_s"]["pipeline"]

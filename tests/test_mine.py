@@ -23,8 +23,9 @@ def _st_mine(model, pairs, corpus, cache, **rules):
                                batch_size=64, cache_folder=cache, verbose=False, **rules)  # fmt: skip
 
 
-def _tuples(rows, n):
-    return {(r["anchor"], r["positive"], *(r[f"negative_{i}"] for i in range(1, n + 1))) for r in rows}
+def _tuples(rows, n, anchor="anchor"):
+    """sentence-transformers names the anchor column after its input's ("query" here)."""
+    return {(r[anchor], r["positive"], *(r[f"negative_{i}"] for i in range(1, n + 1))) for r in rows}
 
 
 def test_negatives_equal_sentence_transformers_mine_hard_negatives(ray_local, default_model, tmp_path):
@@ -68,7 +69,8 @@ def test_negatives_equal_sentence_transformers_mine_hard_negatives(ray_local, de
     report = json.loads((out / "_manifest.json").read_text())
     assert report["queries"]["rows_in"] == len(queries)
     assert report["candidates_removed_by_rule"]["relative_margin"] > 0
-    assert report["pool"] == 30 and all(len(r["candidate_ids"]) >= 30 for r in ours.values())
+    assert report["pool"] == 30 + report["max_positives"]
+    assert all(len(r["candidate_ids"]) == report["pool"] for r in ours.values())
 
     # The training file: KaLM/FlagEmbedding JSONL, texts matching the ids, scores aligned; loadable by datasets.
     train = datasets.load_dataset("json", data_files=[str(f) for f in sorted((out / "train").glob("part-*.jsonl"))],
@@ -85,7 +87,7 @@ def test_negatives_equal_sentence_transformers_mine_hard_negatives(ray_local, de
     cols = datasets.load_dataset("parquet", data_files=[str(f) for f in sorted((out / "train-st").glob("*.parquet"))],
                                  split="train")  # fmt: skip
     assert cols.column_names == ["anchor", "positive", *(f"negative_{i}" for i in range(1, 6))]
-    assert _tuples(cols, 5) == _tuples(st, 5)
+    assert _tuples(cols, 5) == _tuples(st, 5, "query")
     st_counts = report["training_files"]["train-st"]
     assert st_counts["rows_in"] == len(queries) and st_counts["rows_out"] == cols.num_rows
     assert st_counts["rejected_by_reason"] == {"fewer_negatives_than_columns": len(short)}
@@ -107,7 +109,7 @@ def test_negatives_equal_sentence_transformers_mine_hard_negatives(ray_local, de
         if q["query"] in theirs2:
             assert [text[i] for i in again[q["query_id"]]["neg_ids"]] == theirs2[q["query"]], q["query_id"]
     sel_cols = pq.read_table(sel / "train-st").to_pylist()
-    assert _tuples(sel_cols, 3) == _tuples(st2, 3)
+    assert _tuples(sel_cols, 3) == _tuples(st2, 3, "query")
     sel_report = json.loads((sel / "_manifest.json").read_text())
     assert sel_report["command"] == "select" and sel_report["queries"]["rows_in"] == len(queries)
     assert sel_report["candidates_removed_by_rule"]["absolute_margin"] > 0
