@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--score", choices=["bi-encoder", "cross-encoder"], help="measure kalm score instead of embed")
     b.add_argument("--score-rows", type=int, default=100, help="training rows of the sample to score")
+    b.add_argument("--mine", action="store_true", help="measure kalm mine against mine_hard_negatives instead")
+    b.add_argument("--mine-passages", default="100000", help="corpus sizes, comma-separated, e.g. 25000,100000")
+    b.add_argument("--mine-queries", type=int, default=10000, help="queries per mining run")
+    b.add_argument("--mine-max-length", type=int, default=128, help="token limit for both tools")
     return parser
 
 
@@ -211,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if ns.command == "bench":
+            if ns.mine:
+                from pipelines import bench_mine
+
+                bench_mine.main(ns)
+                return 0
             from pipelines import bench
 
             bench.main(ns)
