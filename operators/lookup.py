@@ -83,6 +83,15 @@ def build_store(
     import ray
 
     stores = [ray.remote(num_cpus=0)(TextStore).remote() for _ in range(shards)]
+    return fill_store(stores, inp, id_column=id_column, text_column=text_column, num_cpus=num_cpus, key_of=key_of,
+                      union=union)  # fmt: skip
+
+
+def fill_store(stores: list, inp: InputFiles, *, id_column: str, text_column: str, num_cpus: float, key_of=None,
+               union=False) -> list:  # fmt: skip
+    """Add every file of ``inp`` to existing stores (a second table into the same id -> text map)."""
+    import ray
+
     task = ray.remote(num_cpus=num_cpus)(load_file)
     ray.get([task.remote(inp, f, id_column, text_column, stores, key_of, union) for f in inp.files])
     return stores

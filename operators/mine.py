@@ -18,6 +18,7 @@ rule). Queries never hold a query x corpus matrix: each call searches one batch 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 from operators.lookup import lookup
 from operators.negatives import SelectConfig, merge_topk, normalize_text, select_negatives
-from operators.validate import REJECT_COLUMN, typed_table
+from operators.validate import REJECT_COLUMN, TrainingRowsConfig, typed_table, validate_training_rows
 
 TEACHER_COLUMNS = ("teacher_pos_scores", "teacher_candidate_scores")
 SELECTION_COLUMNS = ("neg_ids", "neg_scores", "dropped", "removed")
@@ -308,3 +309,44 @@ def st_rows(batch: dict[str, np.ndarray], *, cfg: MineConfig, texts: list) -> pa
         **{c: batch[c][rows] for c in ("_source", "_row")},
     }
     return typed_table(out, {c: pa.string() for c in st_columns(k)})
+
+
+def text_id(text: str) -> str:
+    """The id of a text given inline (FlagEmbedding rows name their positives by text): a hash of the exact text,
+    so the same text gets the same id in every row, file and run, and the pool can be deduplicated by id."""
+    return "t-" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def text_queries(batch: dict[str, np.ndarray], *, rows: TrainingRowsConfig, query_id_column: str,
+                 positives_column: str) -> pa.Table:  # fmt: skip
+    """KaLM/FlagEmbedding rows ``{query, pos, neg}`` (texts) -> ID-keyed queries ``query_id, query, positive_ids``
+    with ``text_id`` ids; a row that cannot be mined (no query text, no positive, a null text) is rejected, named."""
+    batch = validate_training_rows(batch, cfg=rows)
+    n = len(batch[REJECT_COLUMN])
+    ids = [[text_id(t) for t in p] if not r else [] for p, r in zip(batch[rows.pos_column], batch[REJECT_COLUMN])]
+    out = {query_id_column: batch[query_id_column], rows.query_column: batch[rows.query_column],
+           positives_column: _objects(ids), **{c: batch[c] for c in (REJECT_COLUMN, "_source", "_row")}}  # fmt: skip
+    out[rows.query_column] = _objects([q if isinstance(q, str) else None for q in out[rows.query_column]][:n])
+    return typed_table(out, {positives_column: pa.list_(pa.string()), rows.query_column: pa.string(),
+                             query_id_column: pa.string()})  # fmt: skip
+
+
+def pool_texts(batch: dict[str, np.ndarray], *, rows: TrainingRowsConfig, negatives: bool) -> pa.Table:
+    """KaLM/FlagEmbedding rows -> the candidate pool ``id, text``: each row's positives, and its negatives when
+    ``negatives`` (no corpus given). One pool row per text (duplicates across rows share an id; ``kalm embed``
+    keeps the first and counts the others as ``duplicate_id``); a row that cannot be mined goes to the rejects."""
+    batch = validate_training_rows(batch, cfg=rows)
+    reasons = batch[REJECT_COLUMN]
+    ids, texts, src, pos, why = [], [], [], [], []
+    for i, r in enumerate(reasons):
+        items = [] if r else [*batch[rows.pos_column][i], *((batch[rows.neg_column][i] or []) if negatives and
+                                                             rows.neg_column in batch else [])]  # fmt: skip
+        for t in dict.fromkeys(items) if items else [None]:
+            ids.append(None if t is None else text_id(t))
+            texts.append(t)
+            src.append(batch["_source"][i])
+            pos.append(batch["_row"][i])
+            why.append(r or ("" if t is not None else "pos_empty"))
+    return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
+                     "_source": pa.array(src, pa.string()), "_row": pa.array(pos, pa.int64()),
+                     REJECT_COLUMN: pa.array(why, pa.string())})  # fmt: skip

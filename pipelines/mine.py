@@ -19,14 +19,15 @@ import posixpath
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.ann import IndexConfig, ShardSearcher
 from operators.io import InputError, InputFiles, resolve_input
-from operators.lookup import build_store
+from operators.lookup import build_store, fill_store
 from operators.mine import (
     CandidateTeacher,
     MineConfig,
@@ -89,6 +90,8 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     query_id_column: str = "query_id"
     query_column: str = "query"
     positives_column: str = "positive_ids"
+    pos_column: str = "pos"  # positives given as texts (KaLM/FlagEmbedding rows) when positives_column is absent
+    neg_column: str = "neg"  # with positives as texts and no corpus, these texts join the candidate pool
     corpus_id_column: str = "id"
     corpus_text_column: str = "text"
     task: str = defaults.DEFAULT_TASK
@@ -145,21 +148,38 @@ class SelectJobConfig(StorageSettings, SelectionSettings):
         return (self.output or f"{defaults.DEFAULT_OUTPUT}/select").rstrip("/")
 
 
-def _embed_jobs(job: MineJobConfig) -> tuple[embed.EmbedJobConfig, embed.EmbedJobConfig]:
+@dataclass(frozen=True)
+class Inputs:
+    """What the run embeds: the queries (ID-keyed) and one or more corpora (``id``/``text`` column names each)."""
+
+    queries: str
+    query_id_column: str
+    corpora: tuple[tuple[str, str, str, str], ...]  # (input, embeddings output, id column, text column)
+    text_mode: bool = False
+
+
+def _inputs(job: MineJobConfig, text_mode: bool) -> Inputs:
     out = job.output_uri()
+    corpora = []
+    if job.corpus is not None or not text_mode:
+        corpus = job.corpus or str(defaults.SAMPLE_CORPUS)
+        corpora.append((corpus, job.corpus_embeddings or f"{out}/_work/corpus", job.corpus_id_column,
+                        job.corpus_text_column))  # fmt: skip
+    if not text_mode:
+        return Inputs(job.queries or str(defaults.SAMPLE_QUERIES), job.query_id_column, tuple(corpora))
+    corpora.append((f"{out}/_work/pool", f"{out}/_work/pool-vectors", "id", "text"))
+    return Inputs(f"{out}/_work/text-queries", job.query_id_column, tuple(corpora), text_mode=True)
+
+
+def _embed_jobs(job: MineJobConfig, inputs: Inputs) -> tuple[list[embed.EmbedJobConfig], embed.EmbedJobConfig]:
     common = dict(model=job.model, max_length=job.max_length, num_gpus=job.num_gpus, overwrite=job.overwrite,
                   address=job.address, storage_endpoint=job.storage_endpoint, storage_region=job.storage_region,
                   storage_retries=job.storage_retries)  # fmt: skip
-    corpus = embed.EmbedJobConfig(
-        input=job.corpus or str(defaults.SAMPLE_CORPUS),
-        output=job.corpus_embeddings or f"{out}/_work/corpus",
-        id_column=job.corpus_id_column,
-        text_column=job.corpus_text_column,
-        **common,
-    )
+    corpora = [embed.EmbedJobConfig(input=i, output=o, id_column=idc, text_column=tc, **common)
+               for i, o, idc, tc in inputs.corpora]  # fmt: skip
     queries = embed.EmbedJobConfig(
-        input=job.queries or str(defaults.SAMPLE_QUERIES),
-        output=f"{out}/_work/queries",
+        input=inputs.queries,
+        output=f"{job.output_uri()}/_work/queries",
         id_column=job.query_id_column,
         text_column=job.query_column,
         keep_columns=(job.query_column, job.positives_column),
@@ -168,7 +188,48 @@ def _embed_jobs(job: MineJobConfig) -> tuple[embed.EmbedJobConfig, embed.EmbedJo
         query_prompt=job.query_prompt,
         **common,
     )
-    return corpus, queries
+    return corpora, queries
+
+
+def _rows_config(job: MineJobConfig):
+    from operators.validate import TrainingRowsConfig
+
+    return TrainingRowsConfig(query_column=job.query_column, pos_column=job.pos_column, neg_column=job.neg_column)
+
+
+def _prepare_text_queries(job: MineJobConfig, q: InputFiles) -> None:
+    """KaLM/FlagEmbedding rows (positives as texts) -> ``_work/text-queries`` (query_id, query, positive_ids by
+    ``text_id``) and ``_work/pool`` (id, text: the positives, and the negatives when no corpus is given). Both are
+    ordinary resumable outputs; rows that cannot be mined are set aside there, with their reasons."""
+    from operators.mine import pool_texts, text_queries
+
+    out, rows = job.output_uri(), _rows_config(job)
+    derive_ids = job.query_id_column not in q.schema.names
+    fingerprint = {"queries": job.queries, "columns": [job.query_id_column, job.query_column, job.pos_column,
+                   job.neg_column], "negatives_in_pool": job.corpus is None}  # fmt: skip
+
+    def queries(o, gpus):
+        ds = o.read(q, columns=None, num_cpus=0.25, add_ids=derive_ids, id_column=job.query_id_column)
+        if ds is not None:
+            ds = ds.map_batches(text_queries, fn_kwargs={"rows": rows, "query_id_column": job.query_id_column,
+                                                         "positives_column": job.positives_column},
+                                batch_size=4096, num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
+        cols = (job.query_id_column, job.query_column, job.positives_column)
+        return ds, RowSink(o.root, columns=cols, filesystem=o.fs, attempt=o.attempt, id_column=job.query_id_column,
+                           reject_columns=())  # fmt: skip
+
+    def pool(o, gpus):
+        ds = o.read(q, columns=None, num_cpus=0.25)
+        if ds is not None:
+            ds = ds.map_batches(pool_texts, fn_kwargs={"rows": rows, "negatives": job.corpus is None},
+                                batch_size=4096, num_cpus=0.25, udf_modifying_row_count=True)  # fmt: skip
+        return ds, RowSink(o.root, columns=("id", "text"), filesystem=o.fs, attempt=o.attempt, id_column="id",
+                           reject_columns=())  # fmt: skip
+
+    for name, build in (("text-queries", queries), ("pool", pool)):
+        execute(f"mine-{name}", inp=q, output=f"{out}/_work/{name}", storage=job.storage(), fingerprint=fingerprint,
+                overwrite=job.overwrite, address=job.address, io_num_cpus=0.25, build=build, describe=dict,
+                config={})  # fmt: skip
 
 
 def _has_rows(inp: InputFiles) -> bool:
@@ -188,20 +249,37 @@ def _has_rows(inp: InputFiles) -> bool:
     return False
 
 
-def _check_inputs(job: MineJobConfig) -> None:
-    """Everything that can be checked before Ray starts: inputs exist, have rows and the columns, models load."""
+def _check_inputs(job: MineJobConfig) -> tuple[bool, InputFiles]:
+    """Everything that can be checked before Ray starts: inputs exist, have rows and the columns, models load.
+    Returns whether the queries name their positives by text (KaLM/FlagEmbedding rows), and the queries input."""
     try:
         q = resolve_input(job.queries or str(defaults.SAMPLE_QUERIES), None, job.storage())
-        c = resolve_input(job.corpus or str(defaults.SAMPLE_CORPUS), None, job.storage())
+        c = None if job.corpus is None and job.queries is not None else \
+            resolve_input(job.corpus or str(defaults.SAMPLE_CORPUS), None, job.storage())  # fmt: skip
     except InputError as e:
         raise ConfigError(str(e)) from e
-    for inp, cols, what in ((q, (job.query_id_column, job.query_column, job.positives_column), "queries"),
-                            (c, (job.corpus_id_column, job.corpus_text_column), "corpus")):  # fmt: skip
+    names = q.schema.names
+    text_mode = job.positives_column not in names and job.pos_column in names
+    if c is None and not text_mode:
+        raise ConfigError(f"{q.files[0]}: with no --corpus, the queries must be KaLM/FlagEmbedding rows whose "
+                          f"'{job.pos_column}' (and '{job.neg_column}') texts form the candidate pool; columns "
+                          f"found: {names}")  # fmt: skip
+    q_cols = (job.query_column, job.pos_column) if text_mode else (job.query_id_column, job.query_column,
+                                                                    job.positives_column)  # fmt: skip
+    checks = [(q, q_cols, "queries")] + ([(c, (job.corpus_id_column, job.corpus_text_column), "corpus")] if c else [])
+    for inp, cols, what in checks:
         if not _has_rows(inp):
             raise ConfigError(f"the {what} ({inp.uri}) has no rows: nothing to mine")
         missing = [x for x in cols if x not in inp.schema.names]
         if missing:
-            raise ConfigError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {inp.schema.names}")
+            hint = f" (positives by id in '{job.positives_column}', or as texts in '{job.pos_column}')" \
+                if what == "queries" else ""  # fmt: skip
+            raise ConfigError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {inp.schema.names}{hint}")
+    if text_mode and c is not None and job.corpus_embeddings is None and job.index is None:
+        if not pa.types.is_string(c.schema.field(job.corpus_id_column).type):
+            raise ConfigError(f"{c.files[0]}: with positives given as texts, corpus ids must be strings (the pool of "
+                              f"positives is keyed by text hashes); '{job.corpus_id_column}' is "
+                              f"{c.schema.field(job.corpus_id_column).type}")  # fmt: skip
     if job.index is not None:
         fs, root = resolve(job.index, job.storage())
         if not exists(fs, f"{root}/{INDEX_MANIFEST}"):
@@ -211,6 +289,7 @@ def _check_inputs(job: MineJobConfig) -> None:
             inspect_model(job.teacher, storage=job.storage())
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"--teacher: {e}") from e
+    return text_mode, q
 
 
 def _teacher(job: MineJobConfig):
@@ -227,11 +306,11 @@ def _teacher(job: MineJobConfig):
     return score.teacher_config(sj, info, cluster_gpus())
 
 
-def _index_source(job: MineJobConfig, corpus_m: dict, corpus_out: str) -> dict:
+def _index_source(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> dict:
     """What an index is built from: a saved one is reused only if all of this matches."""
-    return {"corpus_embeddings": corpus_out, "files": corpus_m["files"], "weights_sha256": corpus_m["model"][
-        "weights_sha256"], "index_type": job.index_type, "shard_rows": job.shard_rows,
-        "id_column": job.corpus_id_column}  # fmt: skip
+    return {"embeddings": [[out, m["files"], idc] for m, out, idc in sources],
+            "weights_sha256": sources[0][0]["model"]["weights_sha256"], "index_type": job.index_type,
+            "shard_rows": job.shard_rows}  # fmt: skip
 
 
 def _start_shards(job: MineJobConfig, dim: int, count: int) -> list:
@@ -254,9 +333,10 @@ def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
     return shards
 
 
-def _open_index(job: MineJobConfig, corpus_m: dict | None, corpus_out: str) -> tuple[list, dict]:
+def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tuple[list, dict]:
     """The index shards: loaded from ``--index``, reused from this output's ``_work/index`` when built from the same
-    embeddings and settings (a rerun or resume), else built from the corpus embeddings and saved there."""
+    embeddings and settings (a rerun or resume), else built from the corpus embeddings and saved there.
+    ``sources``: (embedding manifest, its output URI, its id column) per corpus."""
     import ray
 
     if job.index is not None:
@@ -265,36 +345,42 @@ def _open_index(job: MineJobConfig, corpus_m: dict | None, corpus_out: str) -> t
         return _load_index(job, job.index, meta), meta
     saved = f"{job.output_uri()}/_work/index"
     fs, root = resolve(saved, job.storage())
-    source = _index_source(job, corpus_m, corpus_out)
+    source = _index_source(job, sources)
     if not job.overwrite and exists(fs, f"{root}/{INDEX_MANIFEST}"):
         meta = read_json(fs, f"{root}/{INDEX_MANIFEST}")
         if meta.get("source") == source:
             return _load_index(job, saved, meta), meta
-    cfs, croot = resolve(corpus_out, job.storage())
-    files = [f"{croot}/{f}" for f in corpus_m["files"]]
-    rows = [pq.ParquetFile(cfs.open_input_file(f)).metadata.num_rows for f in files]
-    groups, current, size = [], [], 0
-    for f, n in zip(files, rows):
-        if current and size + n > job.shard_rows:
-            groups.append(current)
-            current, size = [], 0
-        current.append(f)
-        size += n
-    if current:
-        groups.append(current)
-    if not groups or not sum(rows):
-        c = corpus_m["counts"]
-        raise ConfigError(f"the corpus has no embeddable rows ({c['rows_in']} read, {c['rows_rejected']} rejected "
-                          f"{c['rejected_by_reason']}): nothing to search")  # fmt: skip
-    dim = corpus_m["model"]["hidden_size"]
+    parts = []  # (filesystem, path, id column, vector column, rows) in corpus order
+    for m, out, idc in sources:
+        cfs, croot = resolve(out, job.storage())
+        for f in m["files"]:
+            rows = pq.ParquetFile(cfs.open_input_file(f"{croot}/{f}")).metadata.num_rows
+            parts.append((cfs, f"{croot}/{f}", idc, m["columns"]["vectors"][0], rows))
+    groups, size = [], 0
+    for part in parts:
+        if not groups or (size + part[4] > job.shard_rows and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += part[4]
+    if not sum(p[4] for p in parts):
+        counts = [m["counts"] for m, _, _ in sources]
+        raise ConfigError(f"the corpus has no embeddable rows ({sum(c['rows_in'] for c in counts)} read, "
+                          f"{sum(c['rows_rejected'] for c in counts)} rejected "
+                          f"{[c['rejected_by_reason'] for c in counts]}): nothing to search")  # fmt: skip
+    dim = sources[0][0]["model"]["hidden_size"]
     shards = _start_shards(job, dim, len(groups))
-    vec_col = corpus_m["columns"]["vectors"][0]
-    sizes = ray.get([s.add_parquet.remote(cfs, g, job.corpus_id_column, vec_col) for s, g in zip(shards, groups)])
+    calls = []
+    for s, group in zip(shards, groups):  # an actor runs its calls in order, so positions stay contiguous
+        for cfs, path, idc, vec, _ in group:
+            calls.append(s.add_parquet.remote(cfs, [path], idc, vec))
+    ray.get(calls)
+    sizes = ray.get([s.size.remote() for s in shards])
     names = [f"shard-{i:05d}" for i in range(len(shards))]
     fs.create_dir(root, recursive=True)
     ray.get([s.save.remote(fs, f"{root}/{n}") for s, n in zip(shards, names)])
     meta = {"source": source, "dim": dim, "shards": names, "vectors": sum(sizes), "index_type": job.index_type,
-            "weights_sha256": corpus_m["model"]["weights_sha256"]}  # fmt: skip
+            "weights_sha256": source["weights_sha256"]}  # fmt: skip
     write_json(fs, f"{root}/{INDEX_MANIFEST}", meta)  # last: a half-saved index has no manifest and is rebuilt
     logger.info("index built: %d shard(s), %d vectors (%s), saved to %s", len(shards), sum(sizes), job.index_type,
                 saved)  # fmt: skip
@@ -311,27 +397,30 @@ def run(job: MineJobConfig) -> dict:
     import ray
 
     t0 = time.perf_counter()
-    _check_inputs(job)
-    corpus_job, query_job = _embed_jobs(job)
+    text_mode, q_inp = _check_inputs(job)
+    inputs = _inputs(job, text_mode)
+    corpus_jobs, query_job = _embed_jobs(job, inputs)
     timings = {}
     with ray_session(job.address):
         t = time.perf_counter()
-        corpus_m = None
-        if job.index is None and job.corpus_embeddings is None:
-            corpus_m = embed.run(corpus_job)
-        elif job.corpus_embeddings is not None:  # reuse: its manifest says which files, model and columns
-            fs, root = resolve(job.corpus_embeddings, job.storage())
-            corpus_m = read_json(fs, f"{root}/_manifest.json")
+        if text_mode:
+            _prepare_text_queries(job, q_inp)
+        sources = []  # (embedding manifest, output, id column) per corpus
+        if job.index is None:
+            for cj in corpus_jobs:
+                if cj.output == job.corpus_embeddings:  # reuse: its manifest says which files, model and columns
+                    fs, root = resolve(job.corpus_embeddings, job.storage())
+                    sources.append((read_json(fs, f"{root}/_manifest.json"), cj.output, cj.id_column))
+                else:
+                    sources.append((embed.run(cj), cj.output, cj.id_column))
         query_m = embed.run(query_job)
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
-        shards, meta = _open_index(job, corpus_m, corpus_job.output)
+        shards, meta = _open_index(job, sources)
         if meta["weights_sha256"] != query_m["model"]["weights_sha256"]:
             raise ConfigError("the corpus vectors (--corpus-embeddings or --index) were made with another model "
                               "than the one embedding the queries")  # fmt: skip
-        corpus_inp = resolve_input(corpus_job.input, None, job.storage())
-        texts = build_store(corpus_inp, id_column=job.corpus_id_column, text_column=job.corpus_text_column,
-                            shards=4, num_cpus=0.25)  # fmt: skip
+        texts = _text_store(job, inputs)
         queries_inp = resolve_input(query_job.input, None, job.storage())
         by_text = build_store(queries_inp, id_column=job.query_column, text_column=job.positives_column, shards=2,
                               num_cpus=0.25, key_of=normalize_text, union=True)  # fmt: skip
@@ -382,14 +471,28 @@ def run(job: MineJobConfig) -> dict:
         )  # fmt: skip
         timings["search_select"] = manifest["timings_s"]["pipeline"]
         t = time.perf_counter()
-        train = write_training(job, job.output_uri(), mcfg, texts, fingerprint)
+        train = write_training(job, job, job.output_uri(), mcfg, texts, fingerprint)
         timings["training_files"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report = _report("mine", job.output_uri(), job.storage(), manifest, train, timings, to_dict(job))
-    report.update(corpus=corpus_m["counts"] if corpus_m else {"index": index_uri}, query_embedding=query_m["counts"])
+    report.update(
+        corpus={out: m["counts"] for m, out, _ in sources} or {"index": index_uri},
+        query_embedding=query_m["counts"],
+        text_positives=text_mode,
+    )
     fs, root = resolve(job.output_uri(), job.storage())
     write_json(fs, f"{root}/_manifest.json", report)
     return report
+
+
+def _text_store(job, inputs: Inputs) -> list:
+    """One id -> text map over every corpus the run searched (the user's corpus and the pool of inline texts)."""
+    texts = None
+    for inp_uri, _, id_column, text_column in inputs.corpora:
+        inp = resolve_input(inp_uri, None, job.storage())
+        kw = dict(id_column=id_column, text_column=text_column, num_cpus=0.25)
+        texts = build_store(inp, shards=4, **kw) if texts is None else fill_store(texts, inp, **kw)
+    return texts
 
 
 def _selected(ds, mcfg: MineConfig, texts: list):
@@ -407,13 +510,17 @@ def _candidates_sink(out, id_column: str) -> RowSink:
     return RowSink(out.root, filesystem=out.fs, attempt=out.attempt, rows_per_file=100_000, id_column=id_column)
 
 
-def write_training(job, root: str, mcfg: MineConfig, texts: list, fingerprint: dict) -> dict:
+def _instruction(job: MineJobConfig) -> str:
+    """The query instruction the training rows carry in ``prompt`` (FlagEmbedding prepends it to the query)."""
+    return job.query_prompt.replace("{task}", job.task).split("{text}")[0]
+
+
+def write_training(job, mined: MineJobConfig, root: str, mcfg: MineConfig, texts: list, fingerprint: dict) -> dict:
     """The candidates table as training files: KaLM/FlagEmbedding JSONL under ``{root}/train`` and, with
-    ``job.st_columns``, sentence-transformers columns (Parquet) under ``{root}/train-st``. Returns their manifests."""
+    ``job.st_columns``, sentence-transformers columns (Parquet) under ``{root}/train-st``. ``mined``: the mine run's
+    settings (its query prompt). Returns their manifests."""
     candidates = resolve_input(f"{root}/candidates", "parquet", job.storage())
-    prompt = ""
-    if isinstance(job, MineJobConfig):
-        prompt = job.query_prompt.replace("{task}", job.task).split("{text}")[0]
+    prompt = _instruction(mined)
     fingerprint = {**fingerprint, "prompt": prompt}
     qid = mcfg.query_id_column
 
@@ -511,9 +618,7 @@ def run_select(job: SelectJobConfig) -> dict:
                           query_column=mine_job.query_column, positives_column=mine_job.positives_column,
                           text_rules=job.text_rules, id_type=id_type, max_positives=max_positives,
                           pool=have)  # fmt: skip
-        corpus_inp = resolve_input(mine_job.corpus or str(defaults.SAMPLE_CORPUS), None, job.storage())
-        texts = build_store(corpus_inp, id_column=mine_job.corpus_id_column,
-                            text_column=mine_job.corpus_text_column, shards=4, num_cpus=0.25)  # fmt: skip
+        texts = _text_store(job, _inputs(replace(mine_job, output=src), report.get("text_positives", False)))
 
         def build(out, gpus):
             ds = out.read(candidates, columns=None, num_cpus=0.25)
@@ -528,7 +633,7 @@ def run_select(job: SelectJobConfig) -> dict:
                                                           "index": report.get("index")},
                            config=settings)  # fmt: skip
         timings["select"] = manifest["timings_s"]["pipeline"]
-        train = write_training(job, job.output_uri(), mcfg, texts, fingerprint)
+        train = write_training(job, mine_job, job.output_uri(), mcfg, texts, fingerprint)
     timings["total"] = time.perf_counter() - t0
     out = _report("select", job.output_uri(), job.storage(), manifest, train, timings, settings)
     out["source"] = {"mine_output": src, "queries_rejected_there": report["queries"]["rejected_by_reason"]}

@@ -203,3 +203,38 @@ def test_empty_or_malformed_inputs_fail_before_any_work(tmp_path, capsys):
     assert main([*base, "--num-negatives", "5", "--range-max", "3"]) == 2
     assert "widen range_max" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 20 and not (tmp_path / "o").exists()
+
+
+def test_flagembedding_rows_without_a_corpus_mine_from_their_own_texts(ray_local, tiny_bert, tmp_path):
+    """KaLM/FlagEmbedding rows {query, pos, neg} (texts, no ids, no corpus): the pos and neg texts form the pool,
+    each distinct text embedded once; a query's negatives come from that pool and never equal its positives; bad
+    rows are set aside with their reason and every row is accounted for."""
+    rows = [{"query": _words(i + 200, 4), "pos": [_words(i, 6)], "neg": [_words(i + 50, 5), _words(i + 51, 5)]}
+            for i in range(12)]  # fmt: skip
+    rows[3]["pos"] = [_words(3, 6), _words(7, 6)]  # two positives, one of them another query's positive
+    rows[4]["neg"] = [_words(5, 6)]  # another query's positive as this one's given negative: same text, one id
+    bad = [{"query": "", "pos": [_words(1, 3)], "neg": []}, {"query": "lonely", "pos": [], "neg": [_words(2, 2)]},
+           {"query": "null text", "pos": [None], "neg": []}]  # fmt: skip
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows + bad))
+    out = tmp_path / "mine"
+    assert main(["mine", "--queries", str(src), "--output", str(out), "--model", tiny_bert, "--query-prompt", "",
+                 "--num-negatives", "2", "--range-max", "10"]) == 0  # fmt: skip
+    report = json.loads((out / "_manifest.json").read_text())
+    assert report["text_positives"] is True
+    assert report["queries"]["rows_in"] == len(rows)  # the bad rows were set aside before the search
+    prep = json.loads((out / "_work" / "text-queries" / "_manifest.json").read_text())["counts"]
+    assert prep["rows_in"] == len(rows) + len(bad) and prep["rows_out"] == len(rows)
+    assert prep["rejected_by_reason"] == {"pos_empty": 1, "pos_text_null": 1, "query_empty": 1}
+    distinct = {t for r in rows for t in (*r["pos"], *r["neg"])}
+    pool = json.loads((out / "_work" / "pool-vectors" / "_manifest.json").read_text())["counts"]
+    assert pool["rows_out"] == len(distinct)  # each text once; repeats across rows counted as duplicate_id
+    assert pool["rejected_by_reason"] == {"duplicate_id": sum(len(set(r["pos"] + r["neg"])) for r in rows)
+                                          - len(distinct)}  # fmt: skip
+    train = [json.loads(x) for f in sorted((out / "train").glob("*.jsonl")) for x in f.read_text().splitlines()]
+    assert len(train) == len(rows)
+    by_query = {r["query"]: r for r in rows}
+    for t in train:
+        src_row = by_query[t["query"]]
+        assert sorted(t["pos"]) == sorted(src_row["pos"])
+        assert t["neg"] and not set(t["neg"]) & set(src_row["pos"]) and set(t["neg"]) <= distinct
