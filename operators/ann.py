@@ -21,6 +21,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+ID_MAP_BYTES = 200  # per vector: a 20-character string id in a Python list and a dict (tracemalloc: 152 bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,20 @@ class IndexConfig:
             raise ValueError("dim, shard_rows, nprobe and ef_search must be >= 1")
         if self.index_type == "ivfpq" and self.dim % self.pq_m:
             raise ValueError(f"pq_m ({self.pq_m}) must divide the vector dimension ({self.dim})")
+
+    def bytes_per_vector(self) -> int:
+        """Actor memory per indexed vector: the codes (float32, or ``pq_m`` bytes for IVF-PQ); the ids (8 bytes in
+        the id map, 8 more in an IVF list and 8 in its direct map); HNSW's links (2M at level 0, +10% for the upper
+        levels and offsets); and this shard's corpus-id list and id -> position dict (Python objects,
+        ``ID_MAP_BYTES``). Checked against faiss's own serialised size in tests/test_ann.py."""
+        code = self.pq_m if self.index_type == "ivfpq" else 4 * self.dim
+        ids = 24 if self.needs_training() else 8
+        links = int(2 * self.hnsw_m * 4 * 1.1) + 16 if self.index_type == "hnsw" else 0
+        return code + ids + links + 8 + ID_MAP_BYTES
+
+    def rows_for_memory(self, gib: float) -> int:
+        """The most vectors a shard actor of ``gib`` GiB holds."""
+        return max(1, int(gib * 2**30 / self.bytes_per_vector()))
 
     def needs_training(self) -> bool:
         return self.index_type in ("ivf", "ivfpq")

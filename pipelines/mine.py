@@ -2,11 +2,13 @@
 
 mine: embed corpus (documents, no prompt) and queries (query prompt) with ``kalm embed``'s pipeline into
 ``{output}/_work/`` (resumable; ``--corpus-embeddings`` reuses an earlier ``kalm embed`` output) -> load the corpus
-vectors into ``ShardSearcher`` actors (``shard_rows`` each), saved to ``{output}/_work/index`` (or ``--index``
-loads a saved one) -> over the query vectors in streaming batches: ``QueryMiner`` (fan-out search, exact top-k
-merge, positive scores) -> ``CandidateTeacher`` when ``--teacher`` is given -> ``NegativeSelector`` -> the
-ID-keyed candidates table ``{output}/candidates/`` -> the training files ``{output}/train/`` (KaLM/FlagEmbedding
-JSONL) and ``{output}/train-st/`` (sentence-transformers columns, Parquet) -> ``{output}/_manifest.json``.
+vectors into ``ShardSearcher`` actors (``shard_memory_gb`` or ``shard_rows`` each), saved to
+``{output}/_work/index`` (``--index`` loads a saved one) -> over the query vectors in streaming batches:
+``QueryMiner`` (fan-out search, exact top-k merge, positive scores) -> ``CandidateTeacher`` when ``--teacher`` is
+given -> ``NegativeSelector`` -> the ID-keyed candidates table ``{output}/candidates/`` -> the training files
+``{output}/train/`` (KaLM/FlagEmbedding JSONL) and ``{output}/train-st/`` (sentence-transformers columns, Parquet)
+-> ``{output}/_manifest.json``. Queries naming positives by text (KaLM/FlagEmbedding rows) are first turned into
+ID-keyed queries and a pool of their texts (``_work/text-queries``, ``_work/pool``).
 select: the candidates table of a mine run -> ``NegativeSelector`` with other rules -> the same outputs.
 Run them as ``kalm mine|select ...`` or ``python -m pipelines.mine ...``.
 """
@@ -99,7 +101,8 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     max_length: int | None = None
     # index
     index_type: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
-    shard_rows: int = 5_000_000
+    shard_memory_gb: float = 8.0  # memory per index shard actor (reserved from Ray); sets the vectors per shard
+    shard_rows: int | None = None  # vectors per shard, overriding shard_memory_gb
     nprobe: int = 32
     pool: int | None = None  # neighbours kept per query in the candidates table; default: what the rules need
     # teacher rescoring of positives and candidates (scores for selection and for the training labels)
@@ -119,7 +122,9 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     def __post_init__(self):
         sel = self.select()  # validates the rules before anything runs
         # The vector dimension is known after embedding (pq_m must divide it; checked when the shards are built).
-        IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows, nprobe=self.nprobe)
+        IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows or 1, nprobe=self.nprobe)
+        if not self.shard_memory_gb > 0:
+            raise ValueError(f"shard_memory_gb must be > 0, got {self.shard_memory_gb}")
         if self.search_batch < 1 or self.miners < 1:
             raise ValueError(f"search_batch and miners must be >= 1, got {self.search_batch}, {self.miners}")
         if self.pool is not None and self.pool < sel.candidates_needed(1):
@@ -249,6 +254,13 @@ def _has_rows(inp: InputFiles) -> bool:
     return False
 
 
+def _id_kind(t: pa.DataType) -> str:
+    """Id types that compare equal across files: any integer width, any string width."""
+    if pa.types.is_integer(t):
+        return "int"
+    return "str" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
+
+
 def _check_inputs(job: MineJobConfig) -> tuple[bool, InputFiles]:
     """Everything that can be checked before Ray starts: inputs exist, have rows and the columns, models load.
     Returns whether the queries name their positives by text (KaLM/FlagEmbedding rows), and the queries input."""
@@ -275,6 +287,12 @@ def _check_inputs(job: MineJobConfig) -> tuple[bool, InputFiles]:
             hint = f" (positives by id in '{job.positives_column}', or as texts in '{job.pos_column}')" \
                 if what == "queries" else ""  # fmt: skip
             raise ConfigError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {inp.schema.names}{hint}")
+    if not text_mode and c is not None:
+        pos_t, id_t = q.schema.field(job.positives_column).type, c.schema.field(job.corpus_id_column).type
+        item_t = pos_t.value_type if pa.types.is_list(pos_t) or pa.types.is_large_list(pos_t) else None
+        if item_t is None or (not pa.types.is_null(item_t) and _id_kind(item_t) != _id_kind(id_t)):
+            raise ConfigError(f"{q.files[0]}: '{job.positives_column}' must be a list of corpus ids of the corpus "
+                              f"id type ({id_t}); found {pos_t}")  # fmt: skip
     if text_mode and c is not None and job.corpus_embeddings is None and job.index is None:
         if not pa.types.is_string(c.schema.field(job.corpus_id_column).type):
             raise ConfigError(f"{c.files[0]}: with positives given as texts, corpus ids must be strings (the pool of "
@@ -310,22 +328,30 @@ def _index_source(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> d
     """What an index is built from: a saved one is reused only if all of this matches."""
     return {"embeddings": [[out, m["files"], idc] for m, out, idc in sources],
             "weights_sha256": sources[0][0]["model"]["weights_sha256"], "index_type": job.index_type,
-            "shard_rows": job.shard_rows}  # fmt: skip
+            "shard_rows": job.shard_rows, "shard_memory_gb": job.shard_memory_gb}  # fmt: skip
 
 
-def _start_shards(job: MineJobConfig, dim: int, count: int) -> list:
+def _index_config(job: MineJobConfig, dim: int) -> IndexConfig:
+    cfg = IndexConfig(dim=dim, index_type=job.index_type, nprobe=job.nprobe)
+    return replace(cfg, shard_rows=job.shard_rows or cfg.rows_for_memory(job.shard_memory_gb))
+
+
+def _start_shards(job: MineJobConfig, dim: int, sizes: list[int]) -> list:
+    """One actor per shard, reserving the memory its vectors need (``IndexConfig.bytes_per_vector``, +25% and 256 MB
+    for faiss's work space), so Ray places each shard on a node with room for it."""
     import ray
 
-    cfg = IndexConfig(dim=dim, index_type=job.index_type, shard_rows=job.shard_rows, nprobe=job.nprobe)
-    actor = ray.remote(num_cpus=0.25)(ShardSearcher)
-    return [actor.remote(cfg, job.shard_rows, i) for i in range(count)]
+    cfg = _index_config(job, dim)
+    return [ray.remote(ShardSearcher).options(num_cpus=0.25, memory=int(n * cfg.bytes_per_vector() * 1.25) + 2**28)
+            .remote(cfg, max(n, 1), i) for i, n in enumerate(sizes)]  # fmt: skip
 
 
 def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
     import ray
 
     fs, root = resolve(uri, job.storage())
-    shards = _start_shards(job, meta["dim"], len(meta["shards"]))
+    shards = _start_shards(job, meta["dim"], meta.get("sizes") or [meta["vectors"] // len(meta["shards"])] * len(
+        meta["shards"]))  # fmt: skip
     sizes = ray.get([s.load_saved.remote(fs, f"{root}/{p}") for s, p in zip(shards, meta["shards"])])
     if sum(sizes) != meta["vectors"]:
         raise ConfigError(f"index {uri!r}: {sum(sizes)} vectors loaded, its manifest says {meta['vectors']}")
@@ -356,9 +382,11 @@ def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tup
         for f in m["files"]:
             rows = pq.ParquetFile(cfs.open_input_file(f"{croot}/{f}")).metadata.num_rows
             parts.append((cfs, f"{croot}/{f}", idc, m["columns"]["vectors"][0], rows))
+    dim = sources[0][0]["model"]["hidden_size"]
+    shard_rows = _index_config(job, dim).shard_rows
     groups, size = [], 0
     for part in parts:
-        if not groups or (size + part[4] > job.shard_rows and groups[-1]):
+        if not groups or (size + part[4] > shard_rows and groups[-1]):
             groups.append([])
             size = 0
         groups[-1].append(part)
@@ -368,8 +396,7 @@ def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tup
         raise ConfigError(f"the corpus has no embeddable rows ({sum(c['rows_in'] for c in counts)} read, "
                           f"{sum(c['rows_rejected'] for c in counts)} rejected "
                           f"{[c['rejected_by_reason'] for c in counts]}): nothing to search")  # fmt: skip
-    dim = sources[0][0]["model"]["hidden_size"]
-    shards = _start_shards(job, dim, len(groups))
+    shards = _start_shards(job, dim, [sum(p[4] for p in g) for g in groups])
     calls = []
     for s, group in zip(shards, groups):  # an actor runs its calls in order, so positions stay contiguous
         for cfs, path, idc, vec, _ in group:
@@ -379,7 +406,8 @@ def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tup
     names = [f"shard-{i:05d}" for i in range(len(shards))]
     fs.create_dir(root, recursive=True)
     ray.get([s.save.remote(fs, f"{root}/{n}") for s, n in zip(shards, names)])
-    meta = {"source": source, "dim": dim, "shards": names, "vectors": sum(sizes), "index_type": job.index_type,
+    meta = {"source": source, "dim": dim, "shards": names, "sizes": sizes, "vectors": sum(sizes),
+            "index_type": job.index_type,
             "weights_sha256": source["weights_sha256"]}  # fmt: skip
     write_json(fs, f"{root}/{INDEX_MANIFEST}", meta)  # last: a half-saved index has no manifest and is rebuilt
     logger.info("index built: %d shard(s), %d vectors (%s), saved to %s", len(shards), sum(sizes), job.index_type,

@@ -85,3 +85,25 @@ def test_index_config_errors():
         IndexConfig(dim=8, index_type="annoy")
     with pytest.raises(ValueError, match="must divide"):
         IndexConfig(dim=10, index_type="ivfpq", pq_m=4)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])
+def test_shard_memory_estimate_covers_what_faiss_stores(index_type):
+    """bytes_per_vector (what a shard actor reserves per vector, id maps aside) is at least what faiss itself
+    stores per vector, measured by the serialised index, and within 2x of it for float32 codes."""
+    from operators.ann import ID_MAP_BYTES
+
+    n, dim = 4000, 32
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    cfg = IndexConfig(dim=dim, index_type=index_type, pq_m=8, nlist=16, hnsw_m=16)
+    shard = ShardSearcher(cfg, n)
+    shard.train(vectors)
+    shard.add(vectors, np.arange(n))
+    stored = len(shard.serialize()) / n
+    estimate = cfg.bytes_per_vector() - ID_MAP_BYTES
+    print(f"{index_type}: faiss stores {stored:.1f} bytes/vector, estimate {estimate}")
+    assert stored <= estimate * 1.05
+    if index_type != "ivfpq":
+        assert estimate <= 2 * stored
+    assert cfg.rows_for_memory(1.0) == int(2**30 / cfg.bytes_per_vector())

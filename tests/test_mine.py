@@ -238,3 +238,14 @@ def test_flagembedding_rows_without_a_corpus_mine_from_their_own_texts(ray_local
         src_row = by_query[t["query"]]
         assert sorted(t["pos"]) == sorted(src_row["pos"])
         assert t["neg"] and not set(t["neg"]) & set(src_row["pos"]) and set(t["neg"]) <= distinct
+
+
+def test_positive_ids_of_another_type_than_the_corpus_ids_are_refused(tmp_path, capsys):
+    """Integer positive ids against string corpus ids would match nothing and reject every query: refused upfront."""
+    _small_inputs(tmp_path)
+    pq.write_table(pa.table({"query_id": ["a"], "query": ["x y"], "positive_ids": [[1, 2]]}), tmp_path / "q.parquet")
+    assert main(["mine", "--queries", str(tmp_path / "q.parquet"), "--corpus", str(tmp_path / "corpus.parquet"),
+                 "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "must be a list of corpus ids of the corpus id type (string); found list<element: int64>" in (
+        capsys.readouterr().err
+    )
