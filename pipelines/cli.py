@@ -76,7 +76,10 @@ MINE_HELP = {
     "corpus_embeddings": "reuse a kalm embed output of the corpus (same model) instead of embedding it",
     "index": "load a saved index folder (an earlier run's <output>/_work/index) instead of building one",
     "index_type": "flat (exact), ivf, ivfpq or hnsw",
-    "shard_rows": "vectors per index shard actor (size it to an actor's memory)",
+    "shard_memory_gb": "memory per index shard actor, reserved from Ray; sets the vectors per shard",
+    "shard_rows": "vectors per index shard actor (overrides --shard-memory-gb)",
+    "pos_column": "positives as texts (KaLM/FlagEmbedding rows), used when the positive-ids column is absent",
+    "neg_column": "with positives as texts and no --corpus, these texts join the candidate pool",
     "pool": "neighbours kept per query in the candidates table, for later kalm select runs "
     "(default: what the rules need)",
     "num_negatives": "negatives per query",
