@@ -334,7 +334,7 @@ def text_queries(batch: dict[str, np.ndarray], *, rows: TrainingRowsConfig, quer
 def pool_texts(batch: dict[str, np.ndarray], *, rows: TrainingRowsConfig, negatives: bool) -> pa.Table:
     """KaLM/FlagEmbedding rows -> the candidate pool ``id, text``: each row's positives, and its negatives when
     ``negatives`` (no corpus given). One pool row per text (duplicates across rows share an id; ``kalm embed``
-    keeps the first and counts the others as ``duplicate_id``); a row that cannot be mined goes to the rejects."""
+    keeps the first and counts the others as ``id_duplicate``); a row that cannot be mined goes to the rejects."""
     batch = validate_training_rows(batch, cfg=rows)
     reasons = batch[REJECT_COLUMN]
     ids, texts, src, pos, why = [], [], [], [], []

@@ -228,8 +228,8 @@ def test_flagembedding_rows_without_a_corpus_mine_from_their_own_texts(ray_local
     assert prep["rejected_by_reason"] == {"pos_empty": 1, "pos_text_null": 1, "query_empty": 1}
     distinct = {t for r in rows for t in (*r["pos"], *r["neg"])}
     pool = json.loads((out / "_work" / "pool-vectors" / "_manifest.json").read_text())["counts"]
-    assert pool["rows_out"] == len(distinct)  # each text once; repeats across rows counted as duplicate_id
-    assert pool["rejected_by_reason"] == {"duplicate_id": sum(len(set(r["pos"] + r["neg"])) for r in rows)
+    assert pool["rows_out"] == len(distinct)  # each text once; repeats across rows counted as id_duplicate
+    assert pool["rejected_by_reason"] == {"id_duplicate": sum(len(set(r["pos"] + r["neg"])) for r in rows)
                                           - len(distinct)}  # fmt: skip
     train = [json.loads(x) for f in sorted((out / "train").glob("*.jsonl")) for x in f.read_text().splitlines()]
     assert len(train) == len(rows)
