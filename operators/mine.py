@@ -322,11 +322,10 @@ def text_queries(batch: dict[str, np.ndarray], *, rows: TrainingRowsConfig, quer
     """KaLM/FlagEmbedding rows ``{query, pos, neg}`` (texts) -> ID-keyed queries ``query_id, query, positive_ids``
     with ``text_id`` ids; a row that cannot be mined (no query text, no positive, a null text) is rejected, named."""
     batch = validate_training_rows(batch, cfg=rows)
-    n = len(batch[REJECT_COLUMN])
     ids = [[text_id(t) for t in p] if not r else [] for p, r in zip(batch[rows.pos_column], batch[REJECT_COLUMN])]
-    out = {query_id_column: batch[query_id_column], rows.query_column: batch[rows.query_column],
+    queries = [q if isinstance(q, str) else None for q in batch[rows.query_column]]  # a rejected query may be any type
+    out = {query_id_column: batch[query_id_column], rows.query_column: _objects(queries),
            positives_column: _objects(ids), **{c: batch[c] for c in (REJECT_COLUMN, "_source", "_row")}}  # fmt: skip
-    out[rows.query_column] = _objects([q if isinstance(q, str) else None for q in out[rows.query_column]][:n])
     return typed_table(out, {positives_column: pa.list_(pa.string()), rows.query_column: pa.string(),
                              query_id_column: pa.string()})  # fmt: skip
 
