@@ -30,7 +30,6 @@ from operators.negatives import SelectConfig, merge_topk, normalize_text, select
 from operators.validate import REJECT_COLUMN, TrainingRowsConfig, typed_table, validate_training_rows
 
 TEACHER_COLUMNS = ("teacher_pos_scores", "teacher_candidate_scores")
-SELECTION_COLUMNS = ("neg_ids", "neg_scores", "dropped", "removed")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -141,22 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kalm", description="KaLM-style embedding pipelines on Ray Data")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("embed", help="bulk-embed a corpus to Parquet")
-    p.add_argument("--config", help="YAML file of embed settings (flags override it)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    add_config_flags(p, EmbedJobConfig, EMBED_HELP)
-    s = sub.add_parser("score", help="teacher scores (pos_scores/neg_scores) for {query, pos, neg} training rows")
-    s.add_argument("--config", help="YAML file of score settings (flags override it)")
-    s.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    add_config_flags(s, ScoreJobConfig, SCORE_HELP)
-    m = sub.add_parser("mine", help="hard negatives from ANN neighbours, with positive-aware filtering")
-    m.add_argument("--config", help="YAML file of mine settings (flags override it)")
-    m.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    add_config_flags(m, MineJobConfig, MINE_HELP)
-    sel = sub.add_parser("select", help="re-apply selection rules to a kalm mine output, without searching again")
-    sel.add_argument("--config", help="YAML file of select settings (flags override it)")
-    sel.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    add_config_flags(sel, SelectJobConfig, MINE_HELP)
+    for name, text, cls, helps in (
+        ("embed", "bulk-embed a corpus to Parquet", EmbedJobConfig, EMBED_HELP),
+        ("score", "teacher scores (pos_scores/neg_scores) for {query, pos, neg} training rows", ScoreJobConfig,
+         SCORE_HELP),
+        ("mine", "hard negatives from ANN neighbours, with positive-aware filtering", MineJobConfig, MINE_HELP),
+        ("select", "re-apply selection rules to a kalm mine output, without searching again", SelectJobConfig,
+         MINE_HELP),
+    ):  # fmt: skip
+        job = sub.add_parser(name, help=text)
+        job.add_argument("--config", help=f"YAML file of {name} settings (flags override it)")
+        job.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+        add_config_flags(job, cls, helps)
     b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
     b.add_argument("--input", help="texts to embed, or JSONL training rows with --score (default: the bundled sample)")
     b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2, or all-mpnet-base-v2)")

@@ -185,8 +185,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
             bidirectional=job.bidirectional,
             device=job.device,
             trust_remote_code=job.trust_remote_code,
-            max_tokens=job.max_tokens or (65536 if num_gpus > 0 else 2048),
-            max_rows=job.max_rows or (2048 if num_gpus > 0 else 64),
+            **forward_limits(num_gpus, job.max_tokens, job.max_rows),
             batch_size=batch_size,
             replicas=replicas,
             num_gpus=num_gpus,
@@ -199,6 +198,13 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
 
 
 TARGET_FILE_BYTES = 128 * 2**20
+
+
+def forward_limits(num_gpus: float, max_tokens: int | None, max_rows: int | None) -> dict[str, int]:
+    """Padded tokens and rows per forward pass, where not given: 65,536 / 2,048 on GPU (the H200 sweep),
+    2,048 / 64 on CPU. Shared by every model stage (embedder, teacher)."""
+    return {"max_tokens": max_tokens or (65536 if num_gpus > 0 else 2048),
+            "max_rows": max_rows or (2048 if num_gpus > 0 else 64)}  # fmt: skip
 
 
 def rows_per_file(embed: EmbedConfig) -> int:

@@ -20,6 +20,7 @@ from operators.teacher import TeacherConfig, TeacherScorer
 from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
 from pipelines.config import ConfigError, StorageSettings, to_dict
+from pipelines.embed import forward_limits
 from pipelines.job import execute
 
 
@@ -136,8 +137,7 @@ def teacher_config(job: ScoreJobConfig, info, gpus_in_cluster: float | None) -> 
         bidirectional=job.bidirectional,
         trust_remote_code=job.trust_remote_code,
         device=job.device,
-        max_tokens=job.max_tokens or (65536 if num_gpus > 0 else 2048),
-        max_rows=job.max_rows or (2048 if num_gpus > 0 else 64),
+        **forward_limits(num_gpus, job.max_tokens, job.max_rows),
         batch_size=job.batch_size,
         replicas=replicas,
         num_gpus=num_gpus,
