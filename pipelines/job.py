@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import posixpath
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -14,6 +15,7 @@ from operators.io import InputFiles
 from operators.sink import RowSink
 from operators.storage import StorageConfig
 from pipelines.output import open_output
+from pipelines.progress import parquet_rows, track
 from pipelines.runtime import cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,15 @@ def execute(
         assert isinstance(sink, RowSink)
         t_pipe = time.perf_counter()
         if ds is not None:
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": io_num_cpus})
+            todo = [f for f in inp.files if inp.source(f) not in out.state.complete()]
+            partly_done = sum(b - a for ranges in out.state.partial().values() for a, b in ranges)
+
+            def remaining() -> int | None:
+                total = parquet_rows(inp, todo)
+                return None if total is None else total - partly_done
+
+            with track(f"{command} ({posixpath.basename(output.rstrip('/'))})", remaining) as tracker:
+                tracker.wrap(ds).write_datasink(sink, ray_remote_args={"num_cpus": io_num_cpus})
         else:
             logger.info("every input row of %s is already committed; nothing to do", output)
         pipeline_s = time.perf_counter() - t_pipe
@@ -86,3 +96,12 @@ def execute(
     }
     out.write_manifest(manifest)
     return manifest
+
+
+def stage_row(name: str, manifest: dict, *, reused: bool = False) -> dict:
+    """One line of a run's stage table from a stage's manifest: rows in/out/rejected over all attempts, rows this
+    run processed (0 when a rerun found them committed, or the output was reused), seconds and rows/s."""
+    c, t, a = manifest["counts"], manifest["timings_s"], manifest["attempt"]
+    return {"stage": name, "rows_in": c["rows_in"], "rows_out": c["rows_out"], "rows_rejected": c["rows_rejected"],
+            "rows_this_run": 0 if reused else a["rows_processed"], "seconds": 0.0 if reused else t["pipeline"],
+            "rows_per_s": None if reused else t["rows_per_s"]}  # fmt: skip

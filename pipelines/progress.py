@@ -1,0 +1,170 @@
+"""Per-stage progress of a running pipeline: rows done, rows/s and ETA, logged every few seconds by the driver.
+
+Ray Data draws its own bars, but their totals are estimates that go wrong when a task emits several blocks (a
+read task splitting a file, a model stage re-batching), so an ETA cannot be built on them. Here the rows are
+counted as they leave the pipeline's last stage, just before the sink, by a pass-through step that reports to a
+small counter actor, and the total is exact where the input says it: the Parquet footers (every intermediate
+table of a run is Parquet). Line-based inputs (JSONL, CSV) have no row count before they are read; their
+progress shows rows and rows/s without an ETA.
+
+``KALM_PROGRESS_S`` sets the seconds between lines (default 15; 0 turns the lines off).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+
+import numpy as np
+import pyarrow as pa
+
+from operators.io import ROW_COLUMN, SOURCE_COLUMN, InputFiles
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 15.0
+RATE_WINDOW = 8  # samples the rate is averaged over: recent enough to follow a change of speed, not jumpy
+
+
+class RowCounter:
+    """Ray actor: the rows that passed the counting step. Async adds from every task; one reader (the driver)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def get(self) -> int:
+        return self.rows
+
+
+def input_rows(batch: pa.Table) -> int:
+    """Input rows in a batch: a stage that expands a row (one training row per positive) keeps its outputs
+    together, so each run of equal (``_source``, ``_row``) is one input row."""
+    if batch.num_rows == 0:
+        return 0
+    src = np.asarray(batch.column(SOURCE_COLUMN).to_numpy(zero_copy_only=False), dtype=object)
+    row = np.asarray(batch.column(ROW_COLUMN).to_numpy(), dtype=np.int64)
+    new = np.ones(len(row), dtype=bool)
+    new[1:] = (src[1:] != src[:-1]) | (row[1:] != row[:-1])
+    return int(new.sum())
+
+
+def count_rows(batch: pa.Table, counter) -> pa.Table:
+    import ray
+
+    # Waited for (~1 ms a block): a call still in flight when its task ends could be lost to the final count.
+    ray.get(counter.add.remote(input_rows(batch)))
+    return batch
+
+
+def eta_s(done: int, total: int | None, rate: float) -> float | None:
+    """Seconds left at ``rate`` rows/s; None when the total is unknown or nothing has been measured yet."""
+    if total is None or rate <= 0:
+        return None
+    return max(total - done, 0) / rate
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def progress_line(stage: str, done: int, total: int | None, rate: float, elapsed: float) -> str:
+    if total is None:
+        return f"{stage}: {done:,} rows, {rate:,.1f} rows/s, {_duration(elapsed)} elapsed (total unknown: line input)"
+    pct = 100.0 * done / total if total else 100.0
+    return (f"{stage}: {done:,} / {total:,} rows ({pct:.1f}%), {rate:,.1f} rows/s, {_duration(elapsed)} elapsed, "
+            f"ETA {_duration(eta_s(done, total, rate))}")  # fmt: skip
+
+
+def parquet_rows(inp: InputFiles, files: list[str]) -> int | None:
+    """Rows in ``files`` from their footers, or None for formats that do not say (JSONL, CSV)."""
+    import pyarrow.parquet as pq
+
+    if inp.format != "parquet":
+        return None
+    total = 0
+    for f in files:
+        with inp.fs.open_input_file(f) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+class Tracker:
+    """Counts one stage's rows (``wrap`` adds the counting step) and logs progress lines from a thread."""
+
+    def __init__(self, stage: str, counter, interval_s: float):
+        self.stage, self.counter, self.interval_s = stage, counter, interval_s
+        self.total: int | None = None
+        self.samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
+        self.t0 = time.perf_counter()
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+
+    def wrap(self, ds):
+        return ds.map_batches(count_rows, fn_kwargs={"counter": self.counter}, batch_format="pyarrow",
+                              batch_size=None, zero_copy_batch=True, num_cpus=0.05,
+                              udf_modifying_row_count=False)  # fmt: skip
+
+    def rate(self) -> float:
+        """Rows/s over the last samples; over the whole stage while fewer than two samples have rows."""
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        if n0 == n1 or t1 <= t0:
+            return n1 / (t1 - self.t0) if t1 > self.t0 else 0.0
+        return (n1 - n0) / (t1 - t0)
+
+    def poll(self) -> None:
+        import ray
+
+        done = ray.get(self.counter.get.remote())
+        now = time.perf_counter()
+        self.samples.append((now, done))
+        line = progress_line(self.stage, done, self.total, self.rate(), now - self.t0)
+        self.lines.append(line)
+        logger.info("%s", line)
+
+    def _loop(self, count_total) -> None:
+        try:
+            self.total = count_total()
+        except OSError as e:  # progress is a convenience: a failed footer read must not fail the job
+            logger.debug("no row total for %s: %s", self.stage, e)
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - the job's own errors surface in the driver, not here
+                logger.debug("progress poll failed: %s", e)
+                return
+
+
+@contextmanager
+def track(stage: str, count_total):
+    """A ``Tracker`` for the duration of one stage's run; ``count_total()`` gives its rows (or None), computed in
+    the thread so footer reads never delay the start. Logs a last line at the end."""
+    import ray
+
+    interval = float(os.environ.get("KALM_PROGRESS_S", DEFAULT_INTERVAL_S))
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+    tracker = Tracker(stage, counter, interval)
+    thread = None
+    if interval > 0:
+        thread = threading.Thread(target=tracker._loop, args=(count_total,), daemon=True, name=f"progress-{stage}")
+        thread.start()
+    try:
+        yield tracker
+        if thread is not None:
+            tracker._stop.set()
+            thread.join()
+            tracker.poll()
+    finally:
+        tracker._stop.set()
+        ray.kill(counter)
