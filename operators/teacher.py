@@ -76,8 +76,14 @@ class TeacherConfig:
     num_gpus: float = 0.0
     num_cpus: float = 0.5
     torch_threads: int | None = None
+    # Bi-encoder: memory per replica for the vectors of texts already embedded, so a text met again in a later
+    # batch is not embedded again. Mining sends the same popular documents as candidates of many queries (on the
+    # bundled sample each document comes back ~7 times); 0 turns it off.
+    cache_mb: float = 256.0
 
     def __post_init__(self):
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         for name, value, valid in (
             ("kind", self.kind, KINDS),
             ("activation", self.activation, ACTIVATIONS),
@@ -139,6 +145,36 @@ def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
+class VectorCache:
+    """Least-recently-used text -> vector map bounded in bytes. By hand: ``functools.lru_cache`` caches one call's
+    result, while here a batch's texts are split into cached ones and one batched forward for the rest."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes, self.items = max_bytes, 0, OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        v = self.items.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return v
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        size = value.nbytes + len(key)
+        if size > self.max_bytes or key in self.items:
+            return
+        self.items[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            k, v = self.items.popitem(last=False)
+            self.bytes -= v.nbytes + len(k)
+
+
 def _texts(values) -> list[str]:
     return [] if values is None else [str(v) for v in values]
 
@@ -154,6 +190,7 @@ class TeacherScorer:
         self.tokenizer = backend
         if cfg.kind == "bi-encoder":
             self.embedder = Embedder(cfg.embed_config())
+            self.cache = VectorCache(int(cfg.cache_mb * 2**20))
         else:
             self.device = select_device(cfg.device, cfg.num_gpus)
             self.threads = cpu_threads(cfg.torch_threads, cfg.replicas) if self.device == "cpu" else None
@@ -177,9 +214,20 @@ class TeacherScorer:
         """Cosine of each (query, doc) pair [P]; each distinct text embedded once."""
         uq, q_of = np.unique(np.array(queries, dtype=object), return_inverse=True)
         ud, d_of = np.unique(np.array(docs, dtype=object), return_inverse=True)
-        q = l2_normalize(self.embedder.pooled(self._ids(list(uq))))  # [Q, H]
-        d = l2_normalize(self.embedder.pooled(self._ids(list(ud))))  # [D, H]
+        q = self._vectors(list(uq))  # [Q, H]
+        d = self._vectors(list(ud))  # [D, H]
         return np.einsum("ph,ph->p", q[q_of], d[d_of])
+
+    def _vectors(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors [N, H] of distinct texts: cached ones looked up, the rest embedded in one call."""
+        found = [self.cache.get(t) for t in texts]
+        todo = [i for i, v in enumerate(found) if v is None]
+        if todo:
+            fresh = l2_normalize(self.embedder.pooled(self._ids([texts[i] for i in todo])))
+            for i, v in zip(todo, fresh):
+                found[i] = v
+                self.cache.put(texts[i], v.copy())  # a row view would keep the whole batch alive
+        return np.stack(found) if found else np.zeros((0, 0), dtype=np.float32)
 
     def _cross_forward(self, encs: list) -> np.ndarray:
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 
-def reference(model_dir: str, texts: list[str], pooling="mean", bidirectional=False) -> np.ndarray:
-    """Independent reference: one unpadded forward per text with transformers directly, pooled by hand."""
+def reference(model_dir: str, texts: list[str], pooling="mean", bidirectional=False, max_length=None) -> np.ndarray:
+    """Independent reference: one unpadded forward per text with transformers directly, pooled by hand; texts cut
+    to ``max_length`` tokens by the tokenizer when given."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()
     if bidirectional:
@@ -18,7 +19,7 @@ def reference(model_dir: str, texts: list[str], pooling="mean", bidirectional=Fa
                 m.is_causal = False
     out = []
     for t in texts:
-        enc = tok(t, return_tensors="pt")
+        enc = tok(t, return_tensors="pt", truncation=max_length is not None, max_length=max_length)
         with torch.no_grad():
             h = model(**enc).last_hidden_state[0]
         v = {"mean": h.mean(0), "cls": h[0], "last": h[-1]}[pooling].numpy()

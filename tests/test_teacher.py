@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.model import inspect_model
-from operators.teacher import TeacherConfig, TeacherScorer, flatten_pairs, fold_scores, softmax
+from operators.teacher import TeacherConfig, TeacherScorer, VectorCache, flatten_pairs, fold_scores, softmax
 from operators.validate import REJECT_COLUMN, TrainingRowsConfig, training_reject_reasons, validate_training_rows
 from pipelines.cli import EXIT_BAD_CONFIG, main
 from tests.conftest import WORDS
-from tests.reference import cross_scores
+from tests.reference import cross_scores, reference
 
 
 def test_flatten_and_fold_keep_alignment():
@@ -88,6 +88,30 @@ def test_cross_encoder_sigmoid(tiny_cross_encoder):
     out = TeacherScorer(cfg)(_batch(rows)).to_pydict()
     expected = 1 / (1 + np.exp(-np.array(cross_scores(tiny_cross_encoder, rows, 32)[1])))
     assert np.abs(np.array(list(out["pos_scores"][1]) + list(out["neg_scores"][1])) - expected).max() <= 1e-4
+
+
+def test_bi_encoder_vector_cache_gives_the_same_scores_and_stays_in_its_bounds(tiny_bert):
+    """A later batch meeting the same texts takes their vectors from the cache, and the scores equal an uncached
+    scorer's and the independent reference's; a cache too small for one vector holds nothing."""
+    rows = _rows()
+    info = inspect_model(tiny_bert)
+    cached = TeacherScorer(TeacherConfig(model=info, kind="bi-encoder", max_length=32))
+    first = cached(_batch(rows)).to_pydict()
+    misses = cached.cache.misses
+    again = cached(_batch(rows)).to_pydict()
+    assert cached.cache.misses == misses and cached.cache.hits >= misses  # every text of the second batch was cached
+    plain = TeacherScorer(TeacherConfig(model=info, kind="bi-encoder", max_length=32, cache_mb=0))
+    ref = plain(_batch(rows)).to_pydict()
+    assert len(plain.cache.items) == 0
+    for out in (first, again):
+        for col in ("pos_scores", "neg_scores"):
+            assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(out[col], ref[col]))
+    want = reference(tiny_bert, [rows[1]["query"], *rows[1]["pos"], *rows[1]["neg"]], max_length=32)
+    assert np.allclose(list(first["pos_scores"][1]) + list(first["neg_scores"][1]), want[1:] @ want[0], atol=1e-4)
+    small = VectorCache(max_bytes=3 * (32 * 4 + 10))
+    for i in range(10):
+        small.put(f"text-{i:05d}", np.ones(32, dtype=np.float32))
+    assert len(small.items) == 3 and small.bytes <= small.max_bytes and "text-00009" in small.items
 
 
 def test_bi_encoder_equals_sentence_transformers_cosine_on_the_real_teacher():
