@@ -137,7 +137,8 @@ def bench_mine(model: str, passages: int, queries: int, max_length: int, workdir
     return {
         "passages": passages,
         "queries": queries,
-        "kalm_mine": {k: v for k, v in kalm.items() if k != "stdout_tail"} | {"stages_s": report["timings_s"]},
+        "kalm_mine": {k: v for k, v in kalm.items() if k != "stdout_tail"}
+        | {"stages_s": {x["stage"]: x["seconds"] for x in report["stages"]}},
         "mine_hard_negatives": {k: v for k, v in st.items() if k != "stdout_tail"},
         "speedup": round(st["seconds"] / kalm["seconds"], 2),
         "agreement": agreement(data, kalm_out, st_out),

@@ -98,6 +98,23 @@ MINE_HELP = {
     "candidates": "a kalm mine output folder whose candidates table to select from",
     "st_columns": "also write sentence-transformers columns anchor, positive, negative_1..n (train-st/)",
     "miners": "QueryMiner actors searching in parallel",
+    "num_gpus": "GPUs per student replica, fractional allowed (default: 1 if the cluster has GPUs)",
+    "replicas": "student replicas (default: GPUs / num_gpus, or 1 on CPU)",
+    "teacher_num_gpus": "GPUs per teacher replica, fractional allowed (default: as --num-gpus)",
+    "teacher_replicas": "teacher replicas (default: GPUs / teacher GPUs per replica, or 1 on CPU)",
+}
+
+
+DISTILL_HELP = {
+    **MINE_HELP,
+    "output": "output folder or s3:// prefix: train/ (JSONL with teacher pos_scores/neg_scores), train-st/, "
+    "candidates/, report.html, _manifest.json (default: kalm-out/distill)",
+    "teacher": "teacher model folder (default: the bundled all-mpnet-base-v2)",
+    "query_prompt": "student query template with {task}/{text} (default: KaLM's; none for the bundled student)",
+    "teacher_query_prompt": "teacher's query template (default: KaLM's; none for the bundled teacher)",
+    "report": "write report.html and its PNG plots next to the output",
+    "report_samples": "training rows shown in the report",
+    "report_max_queries": "candidates-table rows the report's score plots read",
 }
 
 
@@ -134,6 +151,7 @@ def overrides_from(ns: argparse.Namespace, cls) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.distill import DistillJobConfig
     from pipelines.embed import EmbedJobConfig
     from pipelines.mine import MineJobConfig, SelectJobConfig
     from pipelines.score import ScoreJobConfig
@@ -148,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("mine", "hard negatives from ANN neighbours, with positive-aware filtering", MineJobConfig, MINE_HELP),
         ("select", "re-apply selection rules to a kalm mine output, without searching again", SelectJobConfig,
          MINE_HELP),
+        ("distill", "queries + corpus -> hard negatives with teacher soft labels, and a report", DistillJobConfig,
+         DISTILL_HELP),
     ):  # fmt: skip
         job = sub.add_parser(name, help=text)
         job.add_argument("--config", help=f"YAML file of {name} settings (flags override it)")
@@ -194,24 +214,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"{manifest['timings_s']['pipeline']} s -> {manifest['resolved']['output']}{resumed}"
             )
             return 0
-        if ns.command in ("mine", "select"):
-            from pipelines import mine
+        if ns.command in ("mine", "select", "distill"):
+            from pipelines import distill, mine
 
-            cls = mine.MineJobConfig if ns.command == "mine" else mine.SelectJobConfig
+            cls, run, resolved = {
+                "mine": (mine.MineJobConfig, mine.run, config_mod.to_dict),
+                "select": (mine.SelectJobConfig, mine.run_select, config_mod.to_dict),
+                "distill": (distill.DistillJobConfig, distill.run, distill.resolved),
+            }[ns.command]
             job = config_mod.load(cls, ns.config, overrides_from(ns, cls))
             if ns.print_config:
-                print(json.dumps(config_mod.to_dict(job), indent=2))
+                print(json.dumps(resolved(job), indent=2))
                 return 0
-            report = mine.run(job) if ns.command == "mine" else mine.run_select(job)
+            report = run(job)
             q = report["queries"]
             files = ", ".join(f"{k}: {v['rows_out']} rows" for k, v in report["training_files"].items())
             print(
-                f"{'mined' if ns.command == 'mine' else 'selected'} {report['negatives_chosen']} negatives for "
+                f"{'selected' if ns.command == 'select' else 'mined'} {report['negatives_chosen']} negatives for "
                 f"{q['rows_out']} of {q['rows_in']} queries ({q['rows_rejected']} rejected "
                 f"{q['rejected_by_reason']}, dropped {q['dropped_by_reason']}, "
                 f"{report['positives_missing_from_corpus']} positives missing from the corpus); removed by rule "
                 f"{report['candidates_removed_by_rule']}; training files {files} -> {job.output_uri()}"
             )
+            if report.get("report_html"):
+                print(f"report: {report['report_html']}")
             return 0
         if ns.command == "bench":
             if ns.mine:

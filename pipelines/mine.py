@@ -46,13 +46,23 @@ from operators.storage import exists, read_json, resolve, write_json
 from pipelines import config as config_mod
 from pipelines import defaults, embed
 from pipelines.config import ConfigError, StorageSettings, to_dict
-from pipelines.job import execute
+from pipelines.job import execute, stage_row
 from pipelines.runtime import cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
 
 INDEX_MANIFEST = "_index.json"
-RUN_ONLY = ("overwrite", "address", "search_batch", "miners")  # settings that do not change what is written
+# Settings that do not change what is written (resources, batch sizes): a resumed run may change them.
+RUN_ONLY = (
+    "overwrite",
+    "address",
+    "search_batch",
+    "miners",
+    "num_gpus",
+    "replicas",
+    "teacher_num_gpus",
+    "teacher_replicas",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +125,10 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     st_columns: bool = True  # also write the sentence-transformers column form
     search_batch: int = 1024  # queries per search call
     miners: int = 2  # QueryMiner actors (each fans its batches out to every shard)
-    num_gpus: float | None = None
+    num_gpus: float | None = None  # per student replica; default: 1 when the cluster has GPUs, else 0 (CPU)
+    replicas: int | None = None  # student replicas; default: all GPUs / num_gpus, or 1 on CPU
+    teacher_num_gpus: float | None = None  # per teacher replica; default: as num_gpus
+    teacher_replicas: int | None = None  # default: all GPUs / teacher_num_gpus, or 1 on CPU
     overwrite: bool = False
     address: str | None = None
 
@@ -177,7 +190,8 @@ def _inputs(job: MineJobConfig, text_mode: bool) -> Inputs:
 
 
 def _embed_jobs(job: MineJobConfig, inputs: Inputs) -> tuple[list[embed.EmbedJobConfig], embed.EmbedJobConfig]:
-    common = dict(model=job.model, max_length=job.max_length, num_gpus=job.num_gpus, overwrite=job.overwrite,
+    common = dict(model=job.model, max_length=job.max_length, num_gpus=job.num_gpus, replicas=job.replicas,
+                  overwrite=job.overwrite,
                   address=job.address, storage_endpoint=job.storage_endpoint, storage_region=job.storage_region,
                   storage_retries=job.storage_retries)  # fmt: skip
     corpora = [embed.EmbedJobConfig(input=i, output=o, id_column=idc, text_column=tc, **common)
@@ -231,10 +245,12 @@ def _prepare_text_queries(job: MineJobConfig, q: InputFiles) -> None:
         return ds, RowSink(o.root, columns=("id", "text"), filesystem=o.fs, attempt=o.attempt, id_column="id",
                            reject_columns=())  # fmt: skip
 
+    manifests = {}
     for name, build in (("text-queries", queries), ("pool", pool)):
-        execute(f"mine-{name}", inp=q, output=f"{out}/_work/{name}", storage=job.storage(), fingerprint=fingerprint,
-                overwrite=job.overwrite, address=job.address, io_num_cpus=0.25, build=build, describe=dict,
-                config={})  # fmt: skip
+        manifests[name] = execute(f"mine-{name}", inp=q, output=f"{out}/_work/{name}", storage=job.storage(),
+                                  fingerprint=fingerprint, overwrite=job.overwrite, address=job.address,
+                                  io_num_cpus=0.25, build=build, describe=dict, config={})  # fmt: skip
+    return manifests
 
 
 def _has_rows(inp: InputFiles) -> bool:
@@ -318,8 +334,9 @@ def _teacher(job: MineJobConfig):
 
     sj = score.ScoreJobConfig(teacher=job.teacher, teacher_kind=job.teacher_kind, task=job.task,
                               query_prompt=job.teacher_query_prompt, pair_template=job.pair_template,
-                              activation=job.activation, max_length=job.teacher_max_length, num_gpus=job.num_gpus,
-                              batch_size=min(job.search_batch, 64))  # fmt: skip
+                              activation=job.activation, max_length=job.teacher_max_length,
+                              num_gpus=job.num_gpus if job.teacher_num_gpus is None else job.teacher_num_gpus,
+                              replicas=job.teacher_replicas, batch_size=min(job.search_batch, 64))  # fmt: skip
     info = inspect_model(job.teacher, storage=job.storage())
     return score.teacher_config(sj, info, cluster_gpus())
 
@@ -359,23 +376,24 @@ def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
     return shards
 
 
-def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tuple[list, dict]:
+def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tuple[list, dict, bool]:
     """The index shards: loaded from ``--index``, reused from this output's ``_work/index`` when built from the same
     embeddings and settings (a rerun or resume), else built from the corpus embeddings and saved there.
-    ``sources``: (embedding manifest, its output URI, its id column) per corpus."""
+    ``sources``: (embedding manifest, its output URI, its id column) per corpus. Returns the shard actors, the
+    index manifest and whether it was built by this run."""
     import ray
 
     if job.index is not None:
         fs, root = resolve(job.index, job.storage())
         meta = read_json(fs, f"{root}/{INDEX_MANIFEST}")
-        return _load_index(job, job.index, meta), meta
+        return _load_index(job, job.index, meta), meta, False
     saved = f"{job.output_uri()}/_work/index"
     fs, root = resolve(saved, job.storage())
     source = _index_source(job, sources)
     if not job.overwrite and exists(fs, f"{root}/{INDEX_MANIFEST}"):
         meta = read_json(fs, f"{root}/{INDEX_MANIFEST}")
         if meta.get("source") == source:
-            return _load_index(job, saved, meta), meta
+            return _load_index(job, saved, meta), meta, False
     parts = []  # (filesystem, path, id column, vector column, rows) in corpus order
     for m, out, idc in sources:
         cfs, croot = resolve(out, job.storage())
@@ -412,7 +430,7 @@ def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tup
     write_json(fs, f"{root}/{INDEX_MANIFEST}", meta)  # last: a half-saved index has no manifest and is rebuilt
     logger.info("index built: %d shard(s), %d vectors (%s), saved to %s", len(shards), sum(sizes), job.index_type,
                 saved)  # fmt: skip
-    return shards, meta
+    return shards, meta, True
 
 
 def _id_type(job: MineJobConfig, index_uri: str, meta: dict):
@@ -420,7 +438,7 @@ def _id_type(job: MineJobConfig, index_uri: str, meta: dict):
     return pq.read_schema(f"{root}/{meta['shards'][0]}.ids.parquet", filesystem=fs).field("id").type
 
 
-def run(job: MineJobConfig) -> dict:
+def run(job: MineJobConfig, command: str = "mine") -> dict:
     """Embed, index, search, rescore and select; returns the run's report (also ``{output}/_manifest.json``)."""
     import ray
 
@@ -428,32 +446,40 @@ def run(job: MineJobConfig) -> dict:
     text_mode, q_inp = _check_inputs(job)
     inputs = _inputs(job, text_mode)
     corpus_jobs, query_job = _embed_jobs(job, inputs)
-    timings = {}
+    stages = []  # one line per stage, in order: rows in/out/rejected, rows done by this run, seconds, rows/s
     with ray_session(job.address):
-        t = time.perf_counter()
         if text_mode:
-            _prepare_text_queries(job, q_inp)
+            for name, m in _prepare_text_queries(job, q_inp).items():
+                stages.append(stage_row(f"prepare {name}", m))
         sources = []  # (embedding manifest, output, id column) per corpus
         if job.index is None:
             for cj in corpus_jobs:
+                what = "embed pool" if cj.output.endswith("/_work/pool-vectors") else "embed corpus"
                 if cj.output == job.corpus_embeddings:  # reuse: its manifest says which files, model and columns
                     fs, root = resolve(job.corpus_embeddings, job.storage())
-                    sources.append((read_json(fs, f"{root}/_manifest.json"), cj.output, cj.id_column))
+                    m = read_json(fs, f"{root}/_manifest.json")
+                    stages.append(stage_row(f"{what} (reused {cj.output})", m, reused=True))
                 else:
-                    sources.append((embed.run(cj), cj.output, cj.id_column))
+                    m = embed.run(cj)
+                    stages.append(stage_row(what, m))
+                sources.append((m, cj.output, cj.id_column))
         query_m = embed.run(query_job)
-        timings["embed"] = time.perf_counter() - t
+        stages.append(stage_row("embed queries", query_m))
         t = time.perf_counter()
-        shards, meta = _open_index(job, sources)
+        shards, meta, built = _open_index(job, sources)
         if meta["weights_sha256"] != query_m["model"]["weights_sha256"]:
             raise ConfigError("the corpus vectors (--corpus-embeddings or --index) were made with another model "
                               "than the one embedding the queries")  # fmt: skip
+        index_s = time.perf_counter() - t
+        stages.append({"stage": f"index ({'built' if built else 'loaded'}, {job.index_type})",
+                       "rows_in": meta["vectors"], "rows_out": meta["vectors"], "rows_rejected": 0,
+                       "rows_this_run": meta["vectors"] if built else 0, "seconds": round(index_s, 3),
+                       "rows_per_s": round(meta["vectors"] / index_s, 2) if index_s > 0 else None})  # fmt: skip
         texts = _text_store(job, inputs)
         queries_inp = resolve_input(query_job.input, None, job.storage())
         by_text = build_store(queries_inp, id_column=job.query_column, text_column=job.positives_column, shards=2,
                               num_cpus=0.25, key_of=normalize_text, union=True)  # fmt: skip
         max_positives = max(ray.get([s.longest_list.remote() for s in by_text]), default=0)
-        timings["index"] = time.perf_counter() - t
         index_uri = job.index or f"{job.output_uri()}/_work/index"
         mcfg = MineConfig(select=job.select(), query_id_column=job.query_id_column, query_column=job.query_column,
                           positives_column=job.positives_column, embedding_column=query_m["columns"]["vectors"][0],
@@ -481,7 +507,9 @@ def run(job: MineJobConfig) -> dict:
                         num_cpus=teacher.num_cpus,
                         udf_modifying_row_count=False,
                     )
-                ds = _selected(ds, mcfg, texts)
+                # The teacher's batch size: a selector batch gathering 1024 teacher outputs would hold back both the
+                # write and the progress count for 16 teacher calls.
+                ds = _selected(ds, mcfg, texts, batch_size=teacher.batch_size if teacher else job.search_batch)
             return ds, _candidates_sink(out, job.query_id_column)
 
         settings = to_dict(job)
@@ -490,19 +518,19 @@ def run(job: MineJobConfig) -> dict:
         teacher_info = None if teacher is None else {"name": teacher.model.name, "kind": teacher.kind,
                                                      "path": teacher.model.path}  # fmt: skip
         manifest = execute(
-            "mine", inp=vectors, output=f"{job.output_uri()}/candidates", storage=job.storage(),
+            "search" + (", teacher" if teacher else "") + ", select", inp=vectors,
+            output=f"{job.output_uri()}/candidates", storage=job.storage(),
             fingerprint=fingerprint, overwrite=job.overwrite, address=job.address, io_num_cpus=0.25, build=build,
             describe=lambda: {"index": {k: meta[k] for k in ("index_type", "shards", "vectors")} | {"path": index_uri},
                               "pool": mcfg.pool_size(), "max_positives": mcfg.max_positives,
                               "teacher": teacher_info},
             config=settings,
         )  # fmt: skip
-        timings["search_select"] = manifest["timings_s"]["pipeline"]
-        t = time.perf_counter()
+        stages.append(stage_row(manifest["command"], manifest))
         train = write_training(job, job, job.output_uri(), mcfg, texts, fingerprint)
-        timings["training_files"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    report = _report("mine", job.output_uri(), job.storage(), manifest, train, timings, to_dict(job))
+        stages += [stage_row(f"write {name}", m) for name, m in train.items()]
+    report = _report(command, job.output_uri(), job.storage(), manifest, train, stages, time.perf_counter() - t0,
+                     to_dict(job))  # fmt: skip
     report.update(
         corpus={out: m["counts"] for m, out, _ in sources} or {"index": index_uri},
         query_embedding=query_m["counts"],
@@ -523,8 +551,8 @@ def _text_store(job, inputs: Inputs) -> list:
     return texts
 
 
-def _selected(ds, mcfg: MineConfig, texts: list):
-    return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts}, batch_size=1024,
+def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024):
+    return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts}, batch_size=batch_size,
                           compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
 
 
@@ -581,7 +609,9 @@ def write_training(job, mined: MineJobConfig, root: str, mcfg: MineConfig, texts
     return result
 
 
-def _report(command: str, root: str, storage, manifest: dict, train: dict, timings: dict, config: dict) -> dict:
+def _report(
+    command: str, root: str, storage, manifest: dict, train: dict, stages: list[dict], total_s: float, config: dict
+) -> dict:
     """Counts per stage and per rule, from the candidates table the run wrote."""
     fs, croot = resolve(f"{root}/candidates", storage)
     removed, dropped, negs, missing = Counter(), Counter(), 0, 0
@@ -608,7 +638,8 @@ def _report(command: str, root: str, storage, manifest: dict, train: dict, timin
         "teacher": manifest.get("teacher"),
         "training_files": files,
         "config": config,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "stages": stages,
+        "timings_s": {"total": round(total_s, 3)},
     }
 
 
@@ -619,7 +650,7 @@ def _mine_root(job: SelectJobConfig) -> tuple[str, dict]:
         fs, path = resolve(root, job.storage())
         if exists(fs, f"{path}/_manifest.json") and exists(fs, f"{path}/candidates/_manifest.json"):
             report = read_json(fs, f"{path}/_manifest.json")
-            if report.get("command") in ("mine", "select"):
+            if report.get("command") in ("mine", "select", "distill"):
                 return root, report
     raise ConfigError(f"--candidates {job.candidates!r} is not a finished kalm mine output (no candidates/ and "
                       "_manifest.json written by kalm mine)")  # fmt: skip
@@ -639,7 +670,6 @@ def run_select(job: SelectJobConfig) -> dict:
                           f"{max_positives} positives), but {src} kept {have}; rerun kalm mine with --pool {need} or "
                           "more")  # fmt: skip
     candidates = resolve_input(f"{src}/candidates", "parquet", job.storage())
-    timings = {}
     with ray_session(job.address):
         id_type = candidates.schema.field("candidate_ids").type.value_type
         mcfg = MineConfig(select=job.select(), query_id_column=mine_job.query_id_column,
@@ -660,10 +690,10 @@ def run_select(job: SelectJobConfig) -> dict:
                                                           "teacher": report.get("teacher"),
                                                           "index": report.get("index")},
                            config=settings)  # fmt: skip
-        timings["select"] = manifest["timings_s"]["pipeline"]
         train = write_training(job, mine_job, job.output_uri(), mcfg, texts, fingerprint)
-    timings["total"] = time.perf_counter() - t0
-    out = _report("select", job.output_uri(), job.storage(), manifest, train, timings, settings)
+    stages = [stage_row("select", manifest)] + [stage_row(f"write {name}", m) for name, m in train.items()]
+    out = _report("select", job.output_uri(), job.storage(), manifest, train, stages, time.perf_counter() - t0,
+                  settings)  # fmt: skip
     out["source"] = {"mine_output": src, "queries_rejected_there": report["queries"]["rejected_by_reason"]}
     fs, root = resolve(job.output_uri(), job.storage())
     write_json(fs, f"{root}/_manifest.json", out)
