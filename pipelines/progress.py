@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from contextlib import contextmanager
 
@@ -30,17 +31,24 @@ DEFAULT_INTERVAL_S = 15.0
 RATE_WINDOW = 8  # samples the rate is averaged over: recent enough to follow a change of speed, not jumpy
 
 
+COUNTER_NAME = "kalm-progress"
+
+
 class RowCounter:
-    """Ray actor: the rows that passed the counting step. Async adds from every task; one reader (the driver)."""
+    """Ray actor: rows that passed each stage's counting step, by stage key. One per Ray session (named), since an
+    actor costs a worker process start and a run has many stages."""
 
     def __init__(self):
-        self.rows = 0
+        self.rows: dict[str, int] = {}
 
-    def add(self, n: int) -> None:
-        self.rows += n
+    def add(self, key: str, n: int) -> None:
+        self.rows[key] = self.rows.get(key, 0) + n
 
-    def get(self) -> int:
-        return self.rows
+    def get(self, key: str) -> int:
+        return self.rows.get(key, 0)
+
+    def forget(self, key: str) -> None:
+        self.rows.pop(key, None)
 
 
 def input_rows(batch: pa.Table) -> int:
@@ -55,11 +63,11 @@ def input_rows(batch: pa.Table) -> int:
     return int(new.sum())
 
 
-def count_rows(batch: pa.Table, counter) -> pa.Table:
+def count_rows(batch: pa.Table, counter, key: str) -> pa.Table:
     import ray
 
     # Waited for (~1 ms a block): a call still in flight when its task ends could be lost to the final count.
-    ray.get(counter.add.remote(input_rows(batch)))
+    ray.get(counter.add.remote(key, input_rows(batch)))
     return batch
 
 
@@ -105,6 +113,7 @@ class Tracker:
 
     def __init__(self, stage: str, counter, interval_s: float):
         self.stage, self.counter, self.interval_s = stage, counter, interval_s
+        self.key = uuid.uuid4().hex
         self.total: int | None = None
         self.samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
         self.t0 = time.perf_counter()
@@ -112,7 +121,7 @@ class Tracker:
         self._stop = threading.Event()
 
     def wrap(self, ds):
-        return ds.map_batches(count_rows, fn_kwargs={"counter": self.counter}, batch_format="pyarrow",
+        return ds.map_batches(count_rows, fn_kwargs={"counter": self.counter, "key": self.key}, batch_format="pyarrow",
                               batch_size=None, zero_copy_batch=True, num_cpus=0.05,
                               udf_modifying_row_count=False)  # fmt: skip
 
@@ -126,7 +135,7 @@ class Tracker:
     def poll(self) -> None:
         import ray
 
-        done = ray.get(self.counter.get.remote())
+        done = ray.get(self.counter.get.remote(self.key))
         now = time.perf_counter()
         self.samples.append((now, done))
         line = progress_line(self.stage, done, self.total, self.rate(), now - self.t0)
@@ -153,7 +162,7 @@ def track(stage: str, count_total):
     import ray
 
     interval = float(os.environ.get("KALM_PROGRESS_S", DEFAULT_INTERVAL_S))
-    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+    counter = ray.remote(num_cpus=0)(RowCounter).options(name=COUNTER_NAME, get_if_exists=True).remote()
     tracker = Tracker(stage, counter, interval)
     thread = None
     if interval > 0:
@@ -167,4 +176,4 @@ def track(stage: str, count_total):
             tracker.poll()
     finally:
         tracker._stop.set()
-        ray.kill(counter)
+        counter.forget.remote(tracker.key)
