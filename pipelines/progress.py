@@ -31,12 +31,9 @@ DEFAULT_INTERVAL_S = 15.0
 RATE_WINDOW = 8  # samples the rate is averaged over: recent enough to follow a change of speed, not jumpy
 
 
-COUNTER_NAME = "kalm-progress"
-
-
 class RowCounter:
-    """Ray actor: rows that passed each stage's counting step, by stage key. One per Ray session (named), since an
-    actor costs a worker process start and a run has many stages."""
+    """Ray actor: rows that passed each stage's counting step, by stage key. One per driver and Ray session
+    (``_session_counter``), since an actor costs a worker process start and a run has many stages."""
 
     def __init__(self):
         self.rows: dict[str, int] = {}
@@ -49,6 +46,22 @@ class RowCounter:
 
     def forget(self, key: str) -> None:
         self.rows.pop(key, None)
+
+
+_counters: dict[tuple[str, str], object] = {}  # (job id, node id) of the driver's Ray session -> its RowCounter
+
+
+def _session_counter():
+    """This driver's RowCounter in the current Ray session. The handle is kept here: an actor whose handles are all
+    dropped is ended by Ray, and a new session (tests, notebooks) gets a new one."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_job_id(), ctx.get_node_id())
+    if key not in _counters:
+        _counters.clear()
+        _counters[key] = ray.remote(num_cpus=0)(RowCounter).remote()
+    return _counters[key]
 
 
 def input_rows(batch: pa.Table) -> int:
@@ -67,7 +80,10 @@ def count_rows(batch: pa.Table, counter, key: str) -> pa.Table:
     import ray
 
     # Waited for (~1 ms a block): a call still in flight when its task ends could be lost to the final count.
-    ray.get(counter.add.remote(key, input_rows(batch)))
+    try:
+        ray.get(counter.add.remote(key, input_rows(batch)))
+    except ray.exceptions.RayActorError:  # progress is a convenience: the rows go on, the ledger counts them
+        pass
     return batch
 
 
@@ -159,10 +175,9 @@ class Tracker:
 def track(stage: str, count_total):
     """A ``Tracker`` for the duration of one stage's run; ``count_total()`` gives its rows (or None), computed in
     the thread so footer reads never delay the start. Logs a last line at the end."""
-    import ray
 
     interval = float(os.environ.get("KALM_PROGRESS_S", DEFAULT_INTERVAL_S))
-    counter = ray.remote(num_cpus=0)(RowCounter).options(name=COUNTER_NAME, get_if_exists=True).remote()
+    counter = _session_counter()
     tracker = Tracker(stage, counter, interval)
     thread = None
     if interval > 0:
@@ -173,7 +188,10 @@ def track(stage: str, count_total):
         if thread is not None:
             tracker._stop.set()
             thread.join()
-            tracker.poll()
+            try:
+                tracker.poll()
+            except Exception as e:  # noqa: BLE001 - the stage finished; only its last progress line is missing
+                logger.debug("progress poll failed: %s", e)
     finally:
         tracker._stop.set()
         counter.forget.remote(tracker.key)
