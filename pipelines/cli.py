@@ -173,6 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--config", help=f"YAML file of {name} settings (flags override it)")
         job.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
         add_config_flags(job, cls, helps)
+    sb = sub.add_parser(
+        "submit",
+        help="run a pipeline as a Ray job on a cluster (Ray Jobs API)",
+        description="Ships this repository as the job's working_dir and runs `python -m pipelines.cli "
+        "PIPELINE ARGS` there; follows its logs; exits with the job's status (0 succeeded, 1 not).",
+    )
+    sb.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                    "then RAY_ADDRESS)")  # fmt: skip
+    sb.add_argument(
+        "--deps",
+        choices=["image", "pip"],
+        default="image",
+        help="image: the cluster's image holds the "
+        "dependencies (default); pip: install pyproject's requirements per job (a bare Ray image)",
+    )
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    sb.add_argument("--submission-id", help="the job's id (default: generated)")
+    sb.add_argument("pipeline", choices=["embed", "score", "mine", "select", "distill"])
+    sb.add_argument("args", nargs=argparse.REMAINDER, help="the pipeline's own flags, as for `kalm PIPELINE`")
+    jb = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    jb.add_argument("action", choices=["status", "logs", "stop"])
+    jb.add_argument("job_id")
+    jb.add_argument("--address", help="as for kalm submit")
+    jb.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
     b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
     b.add_argument("--input", help="texts to embed, or JSONL training rows with --score (default: the bundled sample)")
     b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2, or all-mpnet-base-v2)")
@@ -239,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             if report.get("report_html"):
                 print(f"report: {report['report_html']}")
             return 0
+        if ns.command == "submit":
+            return _submit(parser, ns)
+        if ns.command == "jobs":
+            return _jobs(ns)
         if ns.command == "bench":
             if ns.mine:
                 from pipelines import bench_mine
@@ -256,6 +284,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kalm {ns.command}: storage error: {redact(str(e))}", file=sys.stderr)
         return EXIT_STORAGE
     return EXIT_RUN_FAILED
+
+
+def _submit(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    """Check the pipeline's flags and config here, before anything reaches the cluster, then submit."""
+    from cluster import submit
+    from pipelines.distill import DistillJobConfig
+    from pipelines.embed import EmbedJobConfig
+    from pipelines.mine import MineJobConfig, SelectJobConfig
+    from pipelines.score import ScoreJobConfig
+
+    cls = {"embed": EmbedJobConfig, "score": ScoreJobConfig, "mine": MineJobConfig, "select": SelectJobConfig,
+           "distill": DistillJobConfig}[ns.pipeline]  # fmt: skip
+    inner = parser.parse_args([ns.pipeline, *ns.args])  # exits 2 on an unknown flag, as `kalm PIPELINE` would
+    config_mod.load(cls, inner.config, overrides_from(inner, cls))  # bad values: ConfigError, exit 2
+    try:
+        job_id, status = submit.submit(ns.pipeline, ns.args, address=ns.address, deps=ns.deps,
+                                       submission_id=ns.submission_id, wait=not ns.no_wait)  # fmt: skip
+    except ConnectionError as e:
+        where = ns.address or "RAY_API_SERVER_ADDRESS / RAY_ADDRESS"
+        print(f"kalm submit: error: cannot reach the Ray cluster at {where}: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    print(f"job {job_id}" + (f": {status}" if status else " submitted; follow it with: kalm jobs logs --follow "
+                             + job_id), file=sys.stderr)  # fmt: skip
+    return 0 if status is None else submit.exit_code(status)
+
+
+def _jobs(ns: argparse.Namespace) -> int:
+    from cluster import submit
+
+    c = submit.client(ns.address)
+    if ns.action == "status":
+        status = str(c.get_job_status(ns.job_id)).split(".")[-1]
+        print(status)
+        return 0
+    if ns.action == "stop":
+        print("stopped" if c.stop_job(ns.job_id) else "not running")
+        return 0
+    if ns.follow:
+        return submit.exit_code(submit.follow(c, ns.job_id))
+    print(c.get_job_logs(ns.job_id), end="")
+    return 0
 
 
 if __name__ == "__main__":
