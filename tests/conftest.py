@@ -142,7 +142,9 @@ def ray_local():
 
     from pipelines.runtime import WORKER_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False
+    )
     try:
         yield ray
     finally:

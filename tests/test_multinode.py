@@ -1,0 +1,88 @@
+"""A real multi-node Ray cluster on 127.0.0.1 (``ray.cluster_utils.Cluster``: a head with the dashboard and two
+worker nodes declaring logical GPUs): ``kalm submit`` through the Jobs API runs ``kalm embed``, model replicas land
+on the GPU nodes (read back from Ray's state API), the output is complete and equals the model run in-process, and
+``kalm jobs logs`` shows the run's progress. The cluster is shut down in ``finally``, leaving no raylet behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from tests.reference import reference
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    # The job's driver runs `python -m pipelines.cli` in the head's environment: this virtualenv's python first.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    mp.delenv("RAY_ADDRESS", raising=False)
+    dash = _free_port()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                      "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+                                                      "resources": {"head": 1}})  # fmt: skip
+    try:
+        gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1, resources={"gpu_node": 1}) for _ in range(2)]
+        c.wait_for_nodes()
+        yield {"cluster": c, "dashboard": f"http://127.0.0.1:{dash}", "gpu_nodes": gpu_nodes}
+    finally:
+        c.shutdown()
+        mp.undo()
+
+
+def test_submit_embed_to_a_multinode_cluster(cluster, tiny_bert, tmp_path, capsys):
+    import pyarrow as pa
+    from ray.util.state import list_actors, list_nodes
+
+    base = ["the python list", "a dict of string", "import the module"]
+    texts = {f"d{i}": f"{base[i % 3]} {i}" for i in range(120)}
+    pq.write_table(pa.table({"id": list(texts), "text": list(texts.values())}), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    addr = cluster["dashboard"]
+    rc = main(["submit", "--address", addr, "--submission-id", "kalm-embed-multinode", "embed", "--input",
+               str(tmp_path / "in.parquet"), "--output", str(out), "--model", tiny_bert, "--num-gpus", "1",
+               "--device", "cpu", "--max-rows", "16", "--batch-size", "32"])  # fmt: skip
+    logs = capsys.readouterr()
+    assert rc == 0, logs.err[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == len(texts)
+    got = pq.read_table(out).to_pydict()
+    assert sorted(got["id"]) == sorted(texts)  # every row once
+    want = reference(tiny_bert, [texts[i] for i in got["id"][:10]])
+    assert np.allclose(np.stack(got["embedding"][:10]), want, atol=1e-4)
+
+    # Placement, from Ray's state API: every model replica held a (logical) GPU on a GPU node; the tokenisers
+    # held CPU only (Ray may place them on any node with CPUs, GPU nodes included, next to the models they feed).
+    nodes = {n.node_id: n for n in list_nodes(address=addr, detail=True)}
+    gpu_ids = {nid for nid, n in nodes.items() if n.resources_total.get("GPU", 0) > 0}
+    assert len(gpu_ids) == 2
+    actors = list_actors(address=addr, detail=True, limit=1000)
+    embedders = [a for a in actors if "Embedder" in a.class_name]
+    assert embedders and {a.node_id for a in embedders} <= gpu_ids
+    assert all(a.required_resources.get("GPU") == 1 for a in embedders)
+    tokenizers = [a for a in actors if "Tokenizer" in a.class_name]
+    assert tokenizers and all("GPU" not in a.required_resources and a.required_resources["CPU"] > 0
+                              for a in tokenizers)  # fmt: skip
+
+    # kalm jobs: status and logs of the finished job, with its progress lines.
+    assert main(["jobs", "status", "--address", addr, "kalm-embed-multinode"]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert main(["jobs", "logs", "--address", addr, "kalm-embed-multinode"]) == 0
+    log = capsys.readouterr().out
+    assert f"embed (out): {len(texts)} / {len(texts)} rows (100.0%)" in log and "embedded 120 of 120 rows" in log
