@@ -26,6 +26,7 @@ PIPELINES = ("embed", "score", "mine", "select", "distill")
 EXCLUDES = [".venv/", "venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
             "kalm-out/", "out/", ".whl/", ".gpu/", "tests/"]  # fmt: skip
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120  # how long a submission waits for a freshly started head's job agent
 
 
 def project_requirements() -> list[str]:
@@ -71,8 +72,19 @@ def submit(pipeline: str, args: list[str], *, address: str | None = None, deps: 
     never waits behind the job's own actors for a slot."""
     c = client(address)
     ep = entrypoint(pipeline, args)
-    job_id = c.submit_job(entrypoint=ep, runtime_env=runtime_env(deps=deps, env_vars=env_vars),
-                          submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)  # fmt: skip
+    env = runtime_env(deps=deps, env_vars=env_vars)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = c.submit_job(entrypoint=ep, runtime_env=env, submission_id=submission_id,
+                                  entrypoint_num_cpus=entrypoint_num_cpus)  # fmt: skip
+            break
+        except RuntimeError as e:
+            # A head that has just started answers before its job agent is up; Ray says to try again later.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            logger.info("the cluster's job agent is not up yet; retrying")
+            time.sleep(2)
     logger.info("submitted %s as %s", ep, job_id)
     if not wait:
         return job_id, None
