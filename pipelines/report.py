@@ -18,7 +18,6 @@ import posixpath
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from operators.storage import read_json, resolve
@@ -68,13 +67,18 @@ def _read_rows(fs, root: str, columns: tuple[str, ...], limit: int) -> list[dict
     rows: list[dict] = []
     for f in read_json(fs, posixpath.join(root, "_manifest.json"))["files"]:
         path = posixpath.join(root, f)
-        if f.endswith(".jsonl"):
+        if f.endswith(".jsonl"):  # line by line: only the rows wanted are read, not a whole 50k-row file
             with fs.open_input_stream(path) as fh:
-                t = pajson.read_json(io.BytesIO(fh.read()))
+                for line in io.TextIOWrapper(fh, encoding="utf-8"):
+                    if len(rows) >= limit:
+                        break
+                    if line.strip():
+                        r = json.loads(line)
+                        rows.append({c: r.get(c) for c in columns})
         else:
-            t = pq.read_table(path, filesystem=fs)
-        t = t.select([c for c in columns if c in t.column_names])
-        rows += t.slice(0, limit - len(rows)).to_pylist()
+            t = pq.read_table(path, columns=[c for c in columns if c in pq.read_schema(path, filesystem=fs).names],
+                              filesystem=fs)  # fmt: skip
+            rows += t.slice(0, limit - len(rows)).to_pylist()
         if len(rows) >= limit:
             break
     return rows

@@ -20,6 +20,15 @@ from pipelines.cli import main
 from tests.reference import reference
 
 
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,14 +46,19 @@ def cluster():
     dash = _free_port()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                       "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+                                                      # the shared test Ray's agent holds the default port
+                                                      "dashboard_agent_listen_port": _free_port(),
                                                       "resources": {"head": 1}})  # fmt: skip
     try:
         gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1, resources={"gpu_node": 1}) for _ in range(2)]
         c.wait_for_nodes()
         yield {"cluster": c, "dashboard": f"http://127.0.0.1:{dash}", "gpu_nodes": gpu_nodes}
     finally:
+        pids = [i.process.pid for nd in c.list_all_nodes() for infos in nd.all_processes.values() for i in infos]
         c.shutdown()
         mp.undo()
+    left = [p for p in pids if _running(p)]
+    assert pids and not left, f"processes of the test cluster still running: {left}"  # no raylet or GCS left
 
 
 def test_submit_embed_to_a_multinode_cluster(cluster, tiny_bert, tmp_path, capsys):
