@@ -41,8 +41,9 @@ def runtime_env(*, deps: str = "image", env_vars: dict[str, str] | None = None, 
     project's requirements. Model hubs stay off on every worker (models load from local paths or s3://)."""
     if deps not in ("image", "pip"):
         raise ValueError(f"deps must be one of ['image', 'pip'], got {deps!r}")
-    env = {"working_dir": str(root), "excludes": list(EXCLUDES),
-           "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_vars or {})}}  # fmt: skip
+    from pipelines.runtime import WORKER_ENV  # the same worker environment as a local run
+
+    env = {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": {**WORKER_ENV, **(env_vars or {})}}
     if deps == "pip":
         env["pip"] = {"packages": project_requirements(), "pip_check": False}
     return env
@@ -103,9 +104,14 @@ def follow(c, job_id: str, out=sys.stdout, poll_s: float = 1.0) -> str:
         asyncio.run(tail())
     except RuntimeError as e:  # the log stream closed early (head restart, proxy timeout): fall back to polling
         logger.warning("log stream of %s ended early (%s); polling its status", job_id, e)
-    while (status := str(c.get_job_status(job_id)).split(".")[-1]) not in TERMINAL:
+    while (s := status(c, job_id)) not in TERMINAL:
         time.sleep(poll_s)
-    return status
+    return s
+
+
+def status(c, job_id: str) -> str:
+    """The job's status as its plain name (SUCCEEDED, RUNNING...)."""
+    return str(c.get_job_status(job_id)).split(".")[-1]
 
 
 def exit_code(status: str) -> int:

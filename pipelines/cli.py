@@ -14,6 +14,7 @@ import logging
 import sys
 import typing
 
+from cluster.submit import PIPELINES
 from operators.storage import StorageError, redact
 from pipelines import config as config_mod
 
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
     sb.add_argument("--submission-id", help="the job's id (default: generated)")
-    sb.add_argument("pipeline", choices=["embed", "score", "mine", "select", "distill"])
+    sb.add_argument("pipeline", choices=PIPELINES)
     sb.add_argument("args", nargs=argparse.REMAINDER, help="the pipeline's own flags, as for `kalm PIPELINE`")
     jb = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
     jb.add_argument("action", choices=["status", "logs", "stop"])
@@ -315,8 +316,7 @@ def _jobs(ns: argparse.Namespace) -> int:
 
     c = submit.client(ns.address)
     if ns.action == "status":
-        status = str(c.get_job_status(ns.job_id)).split(".")[-1]
-        print(status)
+        print(submit.status(c, ns.job_id))
         return 0
     if ns.action == "stop":
         print("stopped" if c.stop_job(ns.job_id) else "not running")
