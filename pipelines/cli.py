@@ -38,7 +38,7 @@ EMBED_HELP = {
     "compute_dtype": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
     "bidirectional": "run a decoder LM without its causal mask (KaLM-Embedding V2)",
     "num_gpus": "GPUs per model replica, fractional allowed (default: 1 if the cluster has GPUs)",
-    "replicas": "model replicas (default: GPUs / num_gpus, or 1 on CPU)",
+    "replicas": "model replicas, or auto: the cluster's GPUs / num_gpus, 1 on CPU (default: auto)",
     "max_tokens": "padded-token budget per forward pass",
     "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
     "overwrite": "replace what the output holds (without it, a rerun with the same settings resumes)",
@@ -100,9 +100,10 @@ MINE_HELP = {
     "st_columns": "also write sentence-transformers columns anchor, positive, negative_1..n (train-st/)",
     "miners": "QueryMiner actors searching in parallel",
     "num_gpus": "GPUs per student replica, fractional allowed (default: 1 if the cluster has GPUs)",
-    "replicas": "student replicas (default: GPUs / num_gpus, or 1 on CPU)",
+    "replicas": "student replicas, or auto: the cluster's GPUs / num_gpus, 1 on CPU (default: auto)",
     "teacher_num_gpus": "GPUs per teacher replica, fractional allowed (default: as --num-gpus)",
-    "teacher_replicas": "teacher replicas (default: GPUs / teacher GPUs per replica, or 1 on CPU)",
+    "teacher_replicas": "teacher replicas, or auto: the cluster's GPUs / teacher GPUs per replica, 1 on CPU "
+    "(default: auto)",
 }
 
 
@@ -127,8 +128,21 @@ def _flag_type(hint):
     if typing.get_origin(base) is tuple:
         return str  # comma-separated; config._coerce splits and types the items
     if base in (int, float):
-        return base
+        return _number_or_word(base) if len(args) > 1 else base
     return str
+
+
+def _number_or_word(kind):
+    """``--replicas 4`` or ``--replicas auto``: a number becomes one; a word goes to config._coerce to check."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, help_texts: dict[str, str]) -> None:

@@ -10,13 +10,17 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     pass
+
+
+# A model stage's pool size: a number, or "auto" (the default) to follow the cluster's GPUs (runtime.replicas_for).
+Replicas = int | Literal["auto"] | None
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -34,7 +38,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return _coerce(name, value, a)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0])
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # "replicas must be an integer or one of ['auto'], got 'many'"
+        head, tail = f"{name} must be ", f", got {value!r}"
+        wants = [e[len(head) : -len(tail)] for e in errors if e.startswith(head) and e.endswith(tail)]
+        raise ConfigError(f"{head}{' or '.join(wants)}{tail}" if len(wants) == len(errors) else errors[0])
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

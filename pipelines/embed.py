@@ -17,9 +17,10 @@ from operators.sink import RowSink
 from operators.tokenize import TokenizeConfig, Tokenizer
 from operators.validate import IdRegistry, ValidateConfig, validate_rows
 from pipelines import defaults
-from pipelines.config import ConfigError, StorageSettings, to_dict
+from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
+from pipelines.runtime import replicas_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class EmbedJobConfig(StorageSettings):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     num_gpus: float | None = None  # per replica; default: 1 when the cluster has GPUs, else 0 (CPU)
-    replicas: int | None = None  # model replicas; default: all GPUs / num_gpus, or 1 on CPU
+    replicas: Replicas = None  # model replicas; default: all GPUs / num_gpus, or 1 on CPU
     # Padded tokens / rows per forward pass. Defaults, from measurements (tests/gpu/h200-2026-11-29.json):
     # GPU 65536 / 2048 (H200, bf16: Qwen2-0.5B-shaped 231k tokens/s at 65536 vs 147k at 16384; lower it for a large
     # model on a small GPU); CPU 2048 / 64, where small batches stay in cache (all-MiniLM-L6-v2 on 2 cores: 67 rows/s
@@ -153,16 +154,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
         num_gpus = job.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if (gpus_in_cluster or 0) > 0 else 0.0
-        replicas = job.replicas
-        if num_gpus > 0 and gpus_in_cluster == 0 and replicas is None:
-            # Ray would wait forever for a GPU actor. An autoscaling cluster that adds GPU nodes on demand is the
-            # one case to wait, and the user says so by fixing the replica count.
-            raise ValueError(
-                f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0 to run on "
-                "CPU, or set --replicas if GPU nodes will be added by the autoscaler"
-            )
-        if replicas is None:
-            replicas = max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1
+        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas")
         batch_size = job.batch_size or (8192 if num_gpus > 0 else 4096)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(

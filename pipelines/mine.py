@@ -45,7 +45,7 @@ from operators.sink import RowSink
 from operators.storage import exists, read_json, resolve, write_json
 from pipelines import config as config_mod
 from pipelines import defaults, embed
-from pipelines.config import ConfigError, StorageSettings, to_dict
+from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
 from pipelines.job import execute, stage_row
 from pipelines.runtime import cluster_gpus, ray_session
 
@@ -126,9 +126,9 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     search_batch: int = 1024  # queries per search call
     miners: int = 2  # QueryMiner actors (each fans its batches out to every shard)
     num_gpus: float | None = None  # per student replica; default: 1 when the cluster has GPUs, else 0 (CPU)
-    replicas: int | None = None  # student replicas; default: all GPUs / num_gpus, or 1 on CPU
+    replicas: Replicas = None  # student replicas; default: all GPUs / num_gpus, or 1 on CPU
     teacher_num_gpus: float | None = None  # per teacher replica; default: as num_gpus
-    teacher_replicas: int | None = None  # default: all GPUs / teacher_num_gpus, or 1 on CPU
+    teacher_replicas: Replicas = None  # default: all GPUs / teacher_num_gpus, or 1 on CPU
     overwrite: bool = False
     address: str | None = None
 

@@ -40,6 +40,30 @@ def ray_session(address: str | None = None):
         ray.shutdown()
 
 
+AUTO = "auto"
+
+
+def replicas_for(requested: int | str | None, num_gpus: float, gpus_in_cluster: float | None, flag: str) -> int:
+    """A model stage's pool size. ``auto`` (or unset) follows the cluster: every GPU it has, ``num_gpus`` each
+    (0.25 -> four replicas per GPU); on CPU one replica, whose torch threads already take the node's cores.
+    A number is taken as is: on an autoscaling cluster with no GPU node up yet, Ray then waits for the nodes
+    the pool needs instead of sizing the pool from an empty cluster.
+    """
+    if requested not in (None, AUTO):
+        if int(requested) < 1:
+            raise ValueError(f"{flag.lstrip('-').replace('-', '_')} must be >= 1 or 'auto', got {requested}")
+        return int(requested)
+    if num_gpus <= 0:
+        return 1
+    if gpus_in_cluster == 0:
+        # Ray would wait forever for a GPU actor that no node can hold.
+        raise ValueError(
+            f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0 to run on CPU, "
+            f"or set {flag} N if GPU nodes will be added by the autoscaler"
+        )
+    return max(1, int((gpus_in_cluster or 0) // num_gpus))
+
+
 def cluster_gpus() -> float:
     import ray
 

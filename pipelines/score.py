@@ -19,9 +19,10 @@ from operators.sink import RowSink
 from operators.teacher import TeacherConfig, TeacherScorer
 from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
-from pipelines.config import ConfigError, StorageSettings, to_dict
+from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
 from pipelines.embed import forward_limits
 from pipelines.job import execute
+from pipelines.runtime import replicas_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +61,7 @@ class ScoreJobConfig(StorageSettings):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     num_gpus: float | None = None  # per teacher replica; default 1 when the cluster has GPUs, else 0
-    replicas: int | None = None
+    replicas: Replicas = None
     max_tokens: int | None = None  # default 65536 on GPU, 2048 on CPU (as kalm embed)
     max_rows: int | None = None
     batch_size: int = 256  # training rows per actor call (each holds 1 + len(pos) + len(neg) texts)
@@ -113,9 +114,7 @@ def teacher_config(job: ScoreJobConfig, info, gpus_in_cluster: float | None) -> 
     """The teacher's resolved settings (placement, prompt, limits) from a job's settings; ``kalm mine`` uses it
     too, through a ScoreJobConfig of its teacher settings."""
     num_gpus = job.num_gpus if job.num_gpus is not None else (1.0 if (gpus_in_cluster or 0) > 0 else 0.0)
-    if num_gpus > 0 and gpus_in_cluster == 0 and job.replicas is None:
-        raise ValueError(f"num_gpus={num_gpus} per replica, but the Ray cluster has no GPUs; use --num-gpus 0")
-    replicas = job.replicas or (max(1, int((gpus_in_cluster or 0) // num_gpus)) if num_gpus > 0 else 1)
+    replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas")
     query_prompt = job.query_prompt
     if query_prompt is None:
         query_prompt = "" if job.teacher is None else defaults.KALM_QUERY_PROMPT

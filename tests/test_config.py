@@ -37,6 +37,7 @@ def test_flags_parse_lists_and_booleans(tmp_path):
         ("dims: 512,abc\n", "dims must hold ints, got 'abc'"),
         ("text_kind: passage\n", "text_kind must be one of ['document', 'query'], got 'passage'"),
         ("poolin: mean\n", "unknown config key(s) ['poolin']"),
+        ("replicas: many\n", "replicas must be an integer or one of ['auto'], got 'many'"),
         ("- a\n- b\n", "must hold a mapping"),
     ],
 )
@@ -54,8 +55,32 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=4)
     assert (gpu.embed.num_gpus, gpu.embed.replicas, gpu.embed.max_tokens, gpu.embed.num_cpus) == (0.5, 8, 65536, 1.0)
     assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192 and cpu.embed.batch_size == 4096
-    auto = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
-    assert (auto.embed.num_gpus, auto.embed.replicas) == (1.0, 2)
+    unset = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
+    assert (unset.embed.num_gpus, unset.embed.replicas) == (1.0, 2)
+
+
+def test_replicas_auto_follows_the_cluster_and_a_number_is_kept(tmp_path, tiny_bert):
+    from pipelines.embed import plan
+    from pipelines.mine import MineJobConfig
+    from pipelines.score import ScoreJobConfig, teacher_config
+
+    job = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto", "--num-gpus", "0.25"])
+    assert job.replicas == "auto"
+    assert plan(job, gpus_in_cluster=3).embed.replicas == 12  # four replicas on each of 3 GPUs
+    assert plan(job, gpus_in_cluster=3).tokenize.replicas == 12
+    cpu = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto"])
+    assert plan(cpu, gpus_in_cluster=0).embed.replicas == 1
+    fixed = _load(tmp_path, f"model: {tiny_bert}\nreplicas: auto\n", ["--replicas", "5"])
+    assert fixed.replicas == 5 and plan(fixed, gpus_in_cluster=2).embed.replicas == 5  # the flag beats YAML
+    with pytest.raises(ConfigError, match="replicas must be >= 1 or 'auto', got 0"):
+        plan(EmbedJobConfig(model=tiny_bert, replicas=0), gpus_in_cluster=0)
+    ns = build_parser().parse_args(["mine", "--teacher-replicas", "auto", "--replicas", "2"])
+    mine_job = load(MineJobConfig, None, overrides_from(ns, MineJobConfig))
+    assert (mine_job.replicas, mine_job.teacher_replicas) == (2, "auto")
+    from operators.model import inspect_model
+
+    teacher = ScoreJobConfig(teacher=tiny_bert, num_gpus=0.5, replicas="auto")
+    assert teacher_config(teacher, inspect_model(tiny_bert), gpus_in_cluster=4).replicas == 8
 
 
 def test_plan_takes_sentence_transformers_settings_of_the_default_model(default_model):
