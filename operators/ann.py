@@ -86,9 +86,10 @@ SHARD_BITS = 40  # global id = shard << 40 | position in shard: ids stay unique 
 
 class ShardSearcher:
     """One index shard. ``train`` (IVF only) -> ``add`` batches -> ``search``; or ``load`` a serialised one;
-    or ``add_parquet`` the embedding files ``kalm embed`` wrote, keeping their row ids."""
+    or ``add_parquet`` the embedding files ``kalm embed`` wrote, keeping their row ids. Given ``saved`` (filesystem,
+    prefix of a ``save``), it loads that shard as it starts, so an actor Ray restarts holds the same shard again."""
 
-    def __init__(self, cfg: IndexConfig, expected_rows: int, shard: int = 0):
+    def __init__(self, cfg: IndexConfig, expected_rows: int, shard: int = 0, saved: tuple | None = None):
         import faiss
 
         self.faiss, self.cfg, self.shard = faiss, cfg, shard
@@ -101,6 +102,8 @@ class ShardSearcher:
             base.hnsw.efConstruction = cfg.ef_construction  # before any add
         self.index = faiss.IndexIDMap2(base)  # keeps id -> position, so score_ids can reconstruct by id
         self._tune()
+        if saved is not None:
+            self.load_saved(*saved)
 
     def _tune(self) -> None:
         base = self.faiss.downcast_index(self.index.index)

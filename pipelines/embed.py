@@ -18,6 +18,7 @@ from operators.tokenize import TokenizeConfig, Tokenizer
 from operators.validate import IdRegistry, ValidateConfig, validate_rows
 from pipelines import defaults
 from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
+from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
 from pipelines.runtime import replicas_for
@@ -246,6 +247,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         compute=ActorPoolStrategy(size=p.tokenize.replicas),
         num_cpus=p.tokenize.num_cpus,
         udf_modifying_row_count=False,
+        **POOL_ACTOR,
     )
     return ds.map_batches(
         Embedder,
@@ -255,6 +257,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         num_gpus=p.embed.num_gpus or None,
         num_cpus=p.embed.num_cpus,
         udf_modifying_row_count=False,
+        **POOL_ACTOR,
     )
 
 

@@ -46,6 +46,7 @@ from operators.storage import exists, read_json, resolve, write_json
 from pipelines import config as config_mod
 from pipelines import defaults, embed
 from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
+from pipelines.faults import INDEX_ACTOR, POOL_ACTOR
 from pipelines.job import execute, stage_row
 from pipelines.runtime import cluster_gpus, ray_session
 
@@ -353,14 +354,17 @@ def _index_config(job: MineJobConfig, dim: int) -> IndexConfig:
     return replace(cfg, shard_rows=job.shard_rows or cfg.rows_for_memory(job.shard_memory_gb))
 
 
-def _start_shards(job: MineJobConfig, dim: int, sizes: list[int]) -> list:
+def _start_shards(job: MineJobConfig, dim: int, sizes: list[int], saved: list[tuple] | None = None) -> list:
     """One actor per shard, reserving the memory its vectors need (``IndexConfig.bytes_per_vector``, +25% and 256 MB
-    for faiss's work space), so Ray places each shard on a node with room for it."""
+    for faiss's work space), so Ray places each shard on a node with room for it. Shards started from ``saved``
+    files (filesystem, prefix) are restartable (``faults.INDEX_ACTOR``): a restarted one loads its shard again."""
     import ray
 
     cfg = _index_config(job, dim)
-    return [ray.remote(ShardSearcher).options(num_cpus=0.25, memory=int(n * cfg.bytes_per_vector() * 1.25) + 2**28)
-            .remote(cfg, max(n, 1), i) for i, n in enumerate(sizes)]  # fmt: skip
+    saved = saved or [None] * len(sizes)
+    return [ray.remote(ShardSearcher).options(num_cpus=0.25, memory=int(n * cfg.bytes_per_vector() * 1.25) + 2**28,
+                                              **(INDEX_ACTOR if s else {}))
+            .remote(cfg, max(n, 1), i, s) for i, (n, s) in enumerate(zip(sizes, saved))]  # fmt: skip
 
 
 def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
@@ -368,8 +372,8 @@ def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
 
     fs, root = resolve(uri, job.storage())
     shards = _start_shards(job, meta["dim"], meta.get("sizes") or [meta["vectors"] // len(meta["shards"])] * len(
-        meta["shards"]))  # fmt: skip
-    sizes = ray.get([s.load_saved.remote(fs, f"{root}/{p}") for s, p in zip(shards, meta["shards"])])
+        meta["shards"]), saved=[(fs, f"{root}/{p}") for p in meta["shards"]])  # fmt: skip
+    sizes = ray.get([s.size.remote() for s in shards])
     if sum(sizes) != meta["vectors"]:
         raise ConfigError(f"index {uri!r}: {sum(sizes)} vectors loaded, its manifest says {meta['vectors']}")
     logger.info("index loaded from %s: %d shard(s), %d vectors", uri, len(shards), sum(sizes))
@@ -430,7 +434,12 @@ def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tup
     write_json(fs, f"{root}/{INDEX_MANIFEST}", meta)  # last: a half-saved index has no manifest and is rebuilt
     logger.info("index built: %d shard(s), %d vectors (%s), saved to %s", len(shards), sum(sizes), job.index_type,
                 saved)  # fmt: skip
-    return shards, meta, True
+    # Search from shards started from the saved files: a shard lost mid-search is restarted and reloads itself,
+    # which the building actors (their state made by add calls) could not. Loading also leaves faiss's build-time
+    # buffers behind. The builders go first, so their memory is free for the searchers.
+    for s in shards:
+        ray.kill(s)
+    return _load_index(job, saved, meta), meta, True
 
 
 def _id_type(job: MineJobConfig, index_uri: str, meta: dict):
@@ -496,7 +505,8 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
                 ds = ds.map_batches(QueryMiner, fn_constructor_kwargs={"cfg": mcfg, "shards": shards,
                                                                        "positives_by_text": by_text},
                                     batch_size=job.search_batch, compute=ActorPoolStrategy(min_size=1,
-                                    max_size=job.miners), num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
+                                    max_size=job.miners), num_cpus=0.25, udf_modifying_row_count=False,
+                                    **POOL_ACTOR)  # fmt: skip
                 if teacher is not None:
                     ds = ds.map_batches(
                         CandidateTeacher,
@@ -506,6 +516,7 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
                         num_gpus=teacher.num_gpus or None,
                         num_cpus=teacher.num_cpus,
                         udf_modifying_row_count=False,
+                        **POOL_ACTOR,
                     )
                 # The teacher's batch size: a selector batch gathering 1024 teacher outputs would hold back both the
                 # write and the progress count for 16 teacher calls.
@@ -553,7 +564,7 @@ def _text_store(job, inputs: Inputs) -> list:
 
 def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024):
     return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts}, batch_size=batch_size,
-                          compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
+                          compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False, **POOL_ACTOR)  # fmt: skip
 
 
 def _cpu_pool():

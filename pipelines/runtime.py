@@ -23,6 +23,9 @@ def ray_session(address: str | None = None):
 
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
+    from pipelines.faults import configure_data_context
+
+    configure_data_context()  # this driver's Ray Data settings, whether the session is new or reused
     if ray.is_initialized():
         yield 0.0
         return

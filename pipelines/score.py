@@ -21,6 +21,7 @@ from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
 from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
 from pipelines.embed import forward_limits
+from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.runtime import replicas_for
 
@@ -217,6 +218,7 @@ def build_dataset(p: ScorePlan, out):
         num_gpus=p.teacher.num_gpus or None,
         num_cpus=p.teacher.num_cpus,
         udf_modifying_row_count=False,
+        **POOL_ACTOR,
     )
 
 

@@ -1,0 +1,52 @@
+"""Every Ray fault-tolerance setting kalm-pipeline relies on, in one place, with the reason for each.
+
+What a run promises: a lost process or node costs time, never rows; and a run that cannot go on ends with an error
+naming the stage, instead of hanging. The ledger (``operators/ledger.py``) makes retried work exactly-once; these
+settings make Ray retry it, and bound what cannot be retried.
+
+- **Model pools** (embedder, tokeniser, teacher, miner, selector: Ray Data actor pools): restarted without limit and
+  their in-flight batches resubmitted (``POOL_ACTOR``). This is Ray Data's own default today; it is stated here so
+  a change of default in Ray cannot quietly turn a preempted node into a failed day-long job.
+- **Index shards** (``ShardSearcher``, plain actors holding a faiss shard): a searching shard is started from its
+  saved files, so Ray can restart it anywhere and it reloads the same shard (``INDEX_ACTOR``); calls in flight are
+  retried on the new one.
+- **Blocks**: ``max_errored_blocks = 0``. Ray Data can drop a block whose task failed and go on; that loses rows
+  silently, so it never does here. Bad rows are set aside by the validators, with a reason, not by dropping blocks.
+- **Actor start**: an actor that dies while loading its model (OOM, a node lost) is replaced up to
+  ``ACTOR_INIT_DEATHS`` times in a row; a pool whose actors cannot start at all (no node has the GPUs or memory
+  asked) fails after ``KALM_ACTOR_START_S`` seconds (default 600), naming the resources, instead of waiting forever.
+- **Stalls**: a stage in which no row finishes for ``KALM_STALL_S`` seconds (default 1800) is ended with a
+  ``StallError``. This is the one case the settings above cannot catch: a lost actor that has nowhere to restart
+  (every GPU busy) leaves its tasks waiting forever (ray #41029, #62746). Rows committed so far stay; a rerun resumes.
+- **Tasks** (reads, writes): Ray's default of 3 retries for a lost worker; storage errors are retried inside the
+  task with backoff (``operators.storage.with_retries``, ``--storage-retries``).
+"""
+
+from __future__ import annotations
+
+import os
+
+POOL_ACTOR = {"max_restarts": -1, "max_task_retries": -1}
+INDEX_ACTOR = {"max_restarts": -1, "max_task_retries": -1}
+ACTOR_INIT_DEATHS = 3
+DEFAULT_ACTOR_START_S = 600
+DEFAULT_STALL_S = 1800.0
+
+
+class StallError(RuntimeError):
+    """A stage made no progress for ``KALM_STALL_S`` seconds."""
+
+
+def stall_s() -> float:
+    """Seconds without a finished row before a stage is ended; 0 turns the check off."""
+    return float(os.environ.get("KALM_STALL_S", DEFAULT_STALL_S))
+
+
+def configure_data_context() -> None:
+    """Apply the Ray Data settings above to this driver's DataContext (called for every Ray session)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.max_errored_blocks = 0
+    ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    ctx.wait_for_min_actors_s = int(os.environ.get("KALM_ACTOR_START_S", DEFAULT_ACTOR_START_S))
