@@ -2,7 +2,9 @@
 the same names (``max_length`` <-> ``--max-length``) and cannot drift apart.
 
 Exit codes: 0 done; 2 bad config or input, found before any work; 3 storage refused (no bucket, access denied,
-retries exhausted); 1 the run failed otherwise. Error text never holds a credential (``storage.redact``).
+retries exhausted); 4 a stage stalled (no row finished for ``KALM_STALL_S``); 1 the run failed otherwise; 130
+interrupted. Every failure ends with one line naming it; what was committed stays, and rerunning the command
+resumes. Error text never holds a credential (``storage.redact``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import typing
 from cluster.submit import PIPELINES
 from operators.storage import StorageError, redact
 from pipelines import config as config_mod
+from pipelines.faults import StallError
 
 EXIT_BAD_CONFIG = 2
 EXIT_RUN_FAILED = 1
 EXIT_STORAGE = 3
+EXIT_STALLED = 4
 
 EMBED_HELP = {
     "format": "input format: parquet, jsonl, csv or hf (default: from file names)",
@@ -298,6 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"kalm {ns.command}: storage error: {redact(str(e))}", file=sys.stderr)
         return EXIT_STORAGE
+    except StallError as e:
+        print(f"kalm {ns.command}: stalled: {redact(str(e))}", file=sys.stderr)
+        return EXIT_STALLED
+    except KeyboardInterrupt:
+        print(f"kalm {ns.command}: interrupted; committed rows are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the traceback is logged; the last line says what failed, in one line
+        logging.getLogger("kalm").error("run failed", exc_info=True)
+        first = (str(e).strip().splitlines() or [""])[0][:500]
+        print(f"kalm {ns.command}: run failed: {type(e).__name__}: {redact(first)}; committed rows are kept, rerun "
+              "the same command to resume", file=sys.stderr)  # fmt: skip
+        return EXIT_RUN_FAILED
     return EXIT_RUN_FAILED
 
 

@@ -7,13 +7,16 @@ small counter actor, and the total is exact where the input says it: the Parquet
 table of a run is Parquet). Line-based inputs (JSONL, CSV) have no row count before they are read; their
 progress shows rows and rows/s without an ETA.
 
-``KALM_PROGRESS_S`` sets the seconds between lines (default 15; 0 turns the lines off).
+``KALM_PROGRESS_S`` sets the seconds between lines (default 15; 0 turns the lines off). The same count ends a
+stage that stops moving (``faults.stall_s``): the driver is interrupted and ``track`` raises ``StallError``.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from operators.io import ROW_COLUMN, SOURCE_COLUMN, InputFiles
+from pipelines.faults import StallError, stall_s
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +128,23 @@ def parquet_rows(inp: InputFiles, files: list[str]) -> int | None:
     return total
 
 
-class Tracker:
-    """Counts one stage's rows (``wrap`` adds the counting step) and logs progress lines from a thread."""
+def _interrupt_driver() -> None:
+    """Raise KeyboardInterrupt in the main thread, which waits inside Ray Data. A real SIGINT to that thread, not
+    only ``_thread.interrupt_main``: the flag alone is seen at the next bytecode, and a thread blocked on a lock
+    runs none until the signal wakes it."""
+    _thread.interrupt_main()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    def __init__(self, stage: str, counter, interval_s: float):
-        self.stage, self.counter, self.interval_s = stage, counter, interval_s
+
+class Tracker:
+    """Counts one stage's rows (``wrap`` adds the counting step) and logs progress lines from a thread; notices a
+    stage in which no row has finished for ``stall_s`` seconds (0: never)."""
+
+    def __init__(self, stage: str, counter, interval_s: float, stall_after_s: float = 0.0):
+        self.stage, self.counter, self.interval_s, self.stall_after_s = stage, counter, interval_s, stall_after_s
+        self.stalled = False
+        self.lock = threading.Lock()  # interrupting the driver and ending the stage exclude each other
         self.key = uuid.uuid4().hex
         self.total: int | None = None
         self.samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
@@ -148,26 +164,53 @@ class Tracker:
             return n1 / (t1 - self.t0) if t1 > self.t0 else 0.0
         return (n1 - n0) / (t1 - t0)
 
-    def poll(self) -> None:
+    def poll(self, log: bool = True) -> int:
         import ray
 
         done = ray.get(self.counter.get.remote(self.key))
         now = time.perf_counter()
+        if not self.samples or done != self.samples[-1][1]:
+            self.last_change = now
         self.samples.append((now, done))
-        line = progress_line(self.stage, done, self.total, self.rate(), now - self.t0)
-        self.lines.append(line)
-        logger.info("%s", line)
+        if log:
+            line = progress_line(self.stage, done, self.total, self.rate(), now - self.t0)
+            self.lines.append(line)
+            logger.info("%s", line)
+        return done
+
+    last_change = 0.0
+
+    def stall_message(self) -> str:
+        done = self.samples[-1][1] if self.samples else 0
+        return (f"{self.stage}: no row finished for {self.stall_after_s:.0f} s ({done:,} done); a lost actor with no "
+                "free node to restart on (every GPU busy) leaves its work waiting forever (ray #41029). The rows "
+                "committed so far are kept: rerun the same command to resume, after freeing or adding resources "
+                "(KALM_STALL_S sets this limit)")  # fmt: skip
 
     def _loop(self, count_total) -> None:
         try:
             self.total = count_total()
         except OSError as e:  # progress is a convenience: a failed footer read must not fail the job
             logger.debug("no row total for %s: %s", self.stage, e)
-        while not self._stop.wait(self.interval_s):
+        self.last_change = time.perf_counter()
+        tick = min(x for x in (self.interval_s, self.stall_after_s / 4, 15.0) if x > 0)
+        last_line = time.perf_counter()
+        while not self._stop.wait(tick):
+            now = time.perf_counter()
+            log = self.interval_s > 0 and now - last_line >= self.interval_s * 0.999
             try:
-                self.poll()
+                self.poll(log=log)
             except Exception as e:  # noqa: BLE001 - the job's own errors surface in the driver, not here
                 logger.debug("progress poll failed: %s", e)
+                return
+            last_line = now if log else last_line
+            if self.stall_after_s > 0 and time.perf_counter() - self.last_change > self.stall_after_s:
+                with self.lock:
+                    if self._stop.is_set():
+                        return
+                    self.stalled = True
+                    logger.error("%s", self.stall_message())
+                    _interrupt_driver()
                 return
 
 
@@ -178,20 +221,26 @@ def track(stage: str, count_total):
 
     interval = float(os.environ.get("KALM_PROGRESS_S", DEFAULT_INTERVAL_S))
     counter = _session_counter()
-    tracker = Tracker(stage, counter, interval)
+    tracker = Tracker(stage, counter, interval, stall_s())
     thread = None
-    if interval > 0:
+    if interval > 0 or tracker.stall_after_s > 0:
         thread = threading.Thread(target=tracker._loop, args=(count_total,), daemon=True, name=f"progress-{stage}")
         thread.start()
     try:
         yield tracker
-        if thread is not None:
+        with tracker.lock:
             tracker._stop.set()
+        if thread is not None:
             thread.join()
-            try:
-                tracker.poll()
-            except Exception as e:  # noqa: BLE001 - the stage finished; only its last progress line is missing
-                logger.debug("progress poll failed: %s", e)
+            if interval > 0:
+                try:
+                    tracker.poll()
+                except Exception as e:  # noqa: BLE001 - the stage finished; only its last progress line is missing
+                    logger.debug("progress poll failed: %s", e)
+    except KeyboardInterrupt:
+        if tracker.stalled:  # the interrupt came from the watchdog, not from the user
+            raise StallError(tracker.stall_message()) from None
+        raise
     finally:
         tracker._stop.set()
         counter.forget.remote(tracker.key)
