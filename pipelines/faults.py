@@ -13,11 +13,14 @@ settings make Ray retry it, and bound what cannot be retried.
 - **Blocks**: ``max_errored_blocks = 0``. Ray Data can drop a block whose task failed and go on; that loses rows
   silently, so it never does here. Bad rows are set aside by the validators, with a reason, not by dropping blocks.
 - **Actor start**: an actor that dies while loading its model (OOM, a node lost) is replaced up to
-  ``ACTOR_INIT_DEATHS`` times in a row; a pool whose actors cannot start at all (no node has the GPUs or memory
-  asked) fails after ``KALM_ACTOR_START_S`` seconds (default 600), naming the resources, instead of waiting forever.
+  ``ACTOR_INIT_DEATHS`` times in a row, then the job fails with the actor's error. Pools start asynchronously
+  (Ray Data's ``wait_for_min_actors_s`` stays off): a positive value starts them one pool after another, each
+  waiting for its actors, which cost a small job several seconds per pool.
 - **Stalls**: a stage in which no row finishes for ``KALM_STALL_S`` seconds (default 1800) is ended with a
-  ``StallError``. This is the one case the settings above cannot catch: a lost actor that has nowhere to restart
-  (every GPU busy) leaves its tasks waiting forever (ray #41029, #62746). Rows committed so far stay; a rerun resumes.
+  ``StallError``. This catches what the settings above cannot: a lost actor that has nowhere to restart (every GPU
+  busy) leaves its tasks waiting forever (ray #41029, #62746), and a pool whose actors no node can hold (GPUs or
+  memory asked that the cluster lacks) waits forever too. 30 minutes leaves an autoscaler time to add GPU nodes.
+  Rows committed so far stay; a rerun resumes.
 - **Tasks** (reads, writes): Ray's default of 3 retries for a lost worker; storage errors are retried inside the
   task with backoff (``operators.storage.with_retries``, ``--storage-retries``).
 """
@@ -29,7 +32,6 @@ import os
 POOL_ACTOR = {"max_restarts": -1, "max_task_retries": -1}
 INDEX_ACTOR = {"max_restarts": -1, "max_task_retries": -1}
 ACTOR_INIT_DEATHS = 3
-DEFAULT_ACTOR_START_S = 600
 DEFAULT_STALL_S = 1800.0
 
 
@@ -49,4 +51,3 @@ def configure_data_context() -> None:
     ctx = DataContext.get_current()
     ctx.max_errored_blocks = 0
     ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
-    ctx.wait_for_min_actors_s = int(os.environ.get("KALM_ACTOR_START_S", DEFAULT_ACTOR_START_S))
