@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -179,3 +180,49 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
     client.create_bucket(Bucket=name)
     return s3_server, name, client
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with the dashboard (2 CPUs) and two worker nodes with 2 CPUs and one logical GPU each, on 127.0.0.1;
+    one per test module. Shut down in ``finally``; the teardown fails if any of its processes is left."""
+    from ray.cluster_utils import Cluster
+
+    # The job's driver runs `python -m pipelines.cli` in the head's environment: this virtualenv's python first.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    mp.delenv("RAY_ADDRESS", raising=False)
+    dash = _free_port()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                      "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+                                                      # the shared test Ray's agent holds the default port
+                                                      "dashboard_agent_listen_port": _free_port(),
+                                                      "resources": {"head": 1},
+                                                      # a killed node is declared dead in ~3 s, not ~15 s
+                                                      "_system_config": {"health_check_period_ms": 1000,
+                                                                         "health_check_failure_threshold": 3}})  # fmt: skip
+    try:
+        gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1, resources={"gpu_node": 1}) for _ in range(2)]
+        c.wait_for_nodes()
+        yield {"cluster": c, "dashboard": f"http://127.0.0.1:{dash}", "gpu_nodes": gpu_nodes}
+    finally:
+        pids = [i.process.pid for nd in c.list_all_nodes() for infos in nd.all_processes.values() for i in infos]
+        c.shutdown()
+        mp.undo()
+    left = [p for p in pids if _running(p)]
+    assert pids and not left, f"processes of the test cluster still running: {left}"  # no raylet or GCS left

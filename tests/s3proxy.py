@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy for an S3 server on loopback: fails a share of requests the way S3 does.
 
-Faults: ``slowdown`` answers 503 SlowDown (S3's throttling reply), ``drop`` closes the connection without an
-answer (a reset), ``deny`` answers every request 403 AccessDenied. Everything else is forwarded byte for byte
+Faults: ``slowdown`` answers 503 SlowDown (S3's throttling reply), ``internal`` 500 InternalError, ``drop``
+closes the connection without an answer (a reset), ``slow`` forwards the request but answers ``slow_s`` seconds
+late, ``deny`` answers every request 403 AccessDenied. Everything else is forwarded byte for byte
 (chunked uploads included) to the upstream server. It is a real server on 127.0.0.1, so Ray workers in other
 processes go through it too.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import http.client
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length"}
@@ -21,12 +23,14 @@ ERROR_XML = (
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, slowdown: float = 0.0, drop: float = 0.0, deny: bool = False, seed=0):
+    def __init__(self, upstream: str, *, slowdown: float = 0.0, drop: float = 0.0, internal: float = 0.0,
+                 slow: float = 0.0, slow_s: float = 1.0, deny: bool = False, seed=0):  # fmt: skip
         self.upstream = upstream.removeprefix("http://")
-        self.slowdown, self.drop, self.deny = slowdown, drop, deny
+        self.shares = [("slowdown", slowdown), ("internal", internal), ("drop", drop), ("slow", slow)]
+        self.slow_s, self.deny = slow_s, deny
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.counts = {"forwarded": 0, "slowdown": 0, "drop": 0, "deny": 0}
+        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "drop": 0, "slow": 0, "deny": 0}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,8 +72,12 @@ class FaultProxy:
                     return  # no reply: the client sees the connection closed
                 if fault == "slowdown":
                     return self._error(503, "SlowDown", "Please reduce your request rate.")
+                if fault == "internal":
+                    return self._error(500, "InternalError", "We encountered an internal error. Please try again.")
                 if fault == "deny":
                     return self._error(403, "AccessDenied", "Access Denied")
+                if fault == "slow":
+                    time.sleep(proxy.slow_s)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
@@ -97,11 +105,15 @@ class FaultProxy:
 
     def _pick(self) -> str:
         with self.lock:
+            fault, r, edge = "forwarded", self.rng.random(), 0.0
             if self.deny:
                 fault = "deny"
             else:
-                r = self.rng.random()
-                fault = "slowdown" if r < self.slowdown else "drop" if r < self.slowdown + self.drop else "forwarded"
+                for name, share in self.shares:
+                    edge += share
+                    if r < edge:
+                        fault = name
+                        break
             self.counts[fault] += 1
             return fault
 
