@@ -174,7 +174,7 @@ class CandidateTeacher:
         scored = self.scorer(sub)
         batch["teacher_pos_scores"] = _objects(scored.column("pos_scores").to_pylist())
         batch["teacher_candidate_scores"] = _objects(scored.column("neg_scores").to_pylist())
-        batch[REJECT_COLUMN] = reasons
+        batch[REJECT_COLUMN] = np.array(scored.column(REJECT_COLUMN).to_pylist(), dtype=object)  # + non-finite
         return typed_table(batch, cfg.types())
 
 

@@ -261,7 +261,7 @@ class TeacherScorer:
         cfg = self.cfg
         if cfg.kind == "bi-encoder":
             self.embedder.set_threads()
-        reasons = batch[REJECT_COLUMN]
+        reasons = np.array(batch[REJECT_COLUMN], dtype=object)  # a writable copy: scoring can reject rows too
         n = len(reasons)
         rows = np.flatnonzero(reasons == "")
         prompts = batch.get(cfg.prompt_column)
@@ -289,6 +289,10 @@ class TeacherScorer:
         for col in out.values():
             col[:] = [[] for _ in range(n)]
         for k, i in enumerate(rows):
+            if not (np.isfinite(pos_s[k]).all() and np.isfinite(neg_s[k]).all()):
+                # NaN/inf from the teacher (an fp16 overflow, a broken checkpoint): never written as a soft label.
+                reasons[i] = "teacher_score_not_finite"
+                continue
             out["pos_scores"][i], out["neg_scores"][i] = pos_s[k].tolist(), neg_s[k].tolist()
             if cfg.temperature is not None:
                 out[PROBS_COLUMN][i] = softmax(np.concatenate([pos_s[k], neg_s[k]]), cfg.temperature).tolist()
@@ -299,7 +303,10 @@ class TeacherScorer:
             for k, i in enumerate(rows):
                 values[i] = lists[k]
             batch[col] = values
-        batch.update(pos_scores=out["pos_scores"], neg_scores=out["neg_scores"])
+        bad = int((reasons == "teacher_score_not_finite").sum())
+        if bad:
+            logger.warning("%d rows got non-finite teacher scores; set aside as rejects", bad)
+        batch.update({REJECT_COLUMN: reasons, "pos_scores": out["pos_scores"], "neg_scores": out["neg_scores"]})
         if cfg.temperature is not None:
             batch[PROBS_COLUMN] = out[PROBS_COLUMN]
         texts, floats = pa.list_(pa.string()), pa.list_(pa.float64())

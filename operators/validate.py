@@ -23,7 +23,7 @@ import pyarrow as pa
 
 REJECT_COLUMN = "_reject"
 VALIDATION_REASONS = ("id_null", "id_duplicate", "text_null", "text_not_string", "text_empty", "column_missing:<name>")
-REASONS = (*VALIDATION_REASONS, "embedding_not_finite")
+REASONS = (*VALIDATION_REASONS, "embedding_not_finite", "teacher_score_not_finite")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -212,3 +212,32 @@ def test_kalm_score_id_keyed_rows(ray_local, tiny_cross_encoder, tmp_path):
         assert np.abs(np.array(line["pos_scores"] + line["neg_scores"]) - np.array(e)).max() <= 1e-4
     rejects = sorted(r["reason"] for r in pq.read_table(out / "_rejects").to_pylist())
     assert rejects == ["neg_ids_unknown_id", "query_id_unknown"]
+
+
+@pytest.mark.parametrize("kind", ["bi-encoder", "cross-encoder"])
+def test_non_finite_teacher_scores_are_set_aside_not_written(tiny_bert, tiny_cross_encoder, tmp_path, kind):
+    """A teacher that yields NaN for texts holding one word (its embedding row poisoned, as an fp16 overflow would):
+    those rows are rejected as ``teacher_score_not_finite`` with empty labels, the others keep finite scores."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    src = tiny_bert if kind == "bi-encoder" else tiny_cross_encoder
+    model_dir = tmp_path / "nan-teacher"
+    shutil.copytree(src, model_dir)
+    model = (AutoModel if kind == "bi-encoder" else AutoModelForSequenceClassification).from_pretrained(model_dir)
+    word = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("error")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[word] = float("nan")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    rows = [{"query": "the list", "pos": ["a file"], "neg": ["the map"]},
+            {"query": "the list", "pos": ["a file"], "neg": ["an error here"]},
+            {"query": "an error", "pos": ["a file"], "neg": []},
+            {"query": "the code", "pos": ["a key"], "neg": ["the set", "a line"]}]  # fmt: skip
+    cfg = TeacherConfig(model=inspect_model(str(model_dir)), kind=kind, max_length=32, query_prompt="")
+    out = TeacherScorer(cfg)(_batch(rows)).to_pydict()
+    assert out[REJECT_COLUMN] == ["", "teacher_score_not_finite", "teacher_score_not_finite", ""]
+    assert out["pos_scores"][1] == out["neg_scores"][1] == out["pos_scores"][2] == []
+    for i in (0, 3):
+        assert len(out["pos_scores"][i]) == 1 and np.isfinite(out["pos_scores"][i] + out["neg_scores"][i]).all()
