@@ -86,10 +86,18 @@ def _first_schema(fs: pafs.FileSystem, fmt: str, path: str) -> pa.Schema:
         head = head[: head.rfind(b"\n") + 1] or head
         if fmt == "jsonl":
             try:
-                return pajson.read_json(pa.BufferReader(head)).schema
+                schema = pajson.read_json(pa.BufferReader(head)).schema
             except pa.ArrowInvalid:  # mixed types or broken lines: the reader sets those rows aside
-                return parse_jsonl_lines(head).schema
+                parsed = parse_jsonl_lines(head).schema  # its own _reject column is not the file's
+                schema = parsed.remove(parsed.get_field_index(REJECT_COLUMN))
+            if not schema.names:
+                raise InputError(f"{path!r} holds no JSON object lines (an empty file, or not JSONL)")
+            return schema
+        if not head.strip():
+            raise InputError(f"{path!r} is empty")
         return pacsv.read_csv(pa.BufferReader(head)).schema
+    except InputError:
+        raise
     except FileNotFoundError as e:
         raise InputError(f"cannot read {path!r}: not found") from e
     except (pa.ArrowInvalid, ValueError) as e:
@@ -143,7 +151,11 @@ def resolve_input(uri: str, fmt: str | None = None, storage: StorageConfig | Non
     if fmt is None:
         raise InputError(f"cannot tell the format of {files[0]!r} from its name; pass --format ({FORMATS})")
     try:
-        schema = _first_schema(fs, fmt, files[0])
+        first = files[0]
+        if fmt in ("jsonl", "csv") and len(files) > 1:  # an empty part among others is only 0 rows
+            sizes = fs.get_file_info(files)
+            first = next((i.path for i in sizes if i.size), files[0])
+        schema = _first_schema(fs, fmt, first)
     except OSError as e:
         raise storage_error(e, uri) from e
     return InputFiles(uri=uri, format=fmt, fs=fs, root=root, files=tuple(files), schema=schema)
@@ -167,6 +179,26 @@ def check_columns(inp: InputFiles, *, id_column: str, text_column: str, keep_col
                 "from file + row position"
             )
         raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}{hint}")
+    check_type(inp, text_column, "strings", is_text)
+    if not add_ids:
+        check_type(inp, id_column, "strings or integers", is_id)
+
+
+def is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t)
+
+
+def is_id(t: pa.DataType) -> bool:
+    return is_text(t) or pa.types.is_integer(t)
+
+
+def check_type(inp: InputFiles, column: str, expected: str, ok) -> None:
+    """A column whose type (from the first file's schema) cannot hold what it should is refused before any work:
+    every row would be rejected one by one otherwise. A column of mixed types reads as its most common one; the
+    odd values are rejected per row."""
+    t = inp.schema.field(column).type
+    if not ok(t):
+        raise InputError(f"{inp.files[0]}: column {column!r} holds {t} values; expected {expected}")
 
 
 def _iter_file(fs: pafs.FileSystem, fmt: str, path: str, columns: list[str] | None):
@@ -228,6 +260,8 @@ def parse_jsonl_lines(data: bytes) -> pa.Table:
             if k not in ("null", main) and not (k in ("int", "float") and main in ("int", "float")):
                 rows[i][col] = None
                 reasons[i] = reasons[i] or f"{col}_wrong_type"
+    if not columns:  # no line was a JSON object: a table of rejects only, one row per line
+        return pa.table({REJECT_COLUMN: pa.array(reasons, pa.string())})
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
     return table.append_column(REJECT_COLUMN, pa.array(reasons, pa.string()))
 

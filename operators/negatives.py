@@ -67,6 +67,11 @@ class SelectConfig:
                 f"range [{self.range_min}, {self.window_end()}) leaves fewer than num_negatives="
                 f"{self.num_negatives} candidates; widen range_max or lower range_min"
             )
+        for name in ("absolute_margin", "relative_margin"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # also refuses NaN
+                # A negative margin keeps candidates scoring above the positive: the false negatives it is for.
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.consistency_rank is not None and self.consistency_rank < 1:
             raise ValueError(f"consistency_rank must be >= 1, got {self.consistency_rank}")
 

@@ -19,6 +19,29 @@ class ConfigError(ValueError):
     pass
 
 
+# Settings that are counts (>= 1 when given), and resources (CPUs > 0, GPUs >= 0), checked by name for every job
+# config (``check_ranges``), so a 0 is refused rather than taken as "unset" by an ``or default``.
+COUNTS = ("batch_size", "max_tokens", "max_rows", "rows_per_file", "tokenizer_replicas", "search_batch", "miners",
+          "pool", "nprobe", "shard_rows", "text_store_shards", "storage_retries", "max_length", "teacher_max_length",
+          "report_max_queries")  # fmt: skip
+
+
+def check_ranges(cfg) -> None:
+    """Raise ValueError naming the first setting out of its range (see ``COUNTS``)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+            continue
+        if f.name in COUNTS and value < 1:
+            raise ValueError(f"{f.name} must be >= 1, got {value}")
+        if f.name.endswith("num_cpus") and not value > 0:
+            raise ValueError(f"{f.name} must be > 0, got {value}")
+        if f.name.endswith("num_gpus") and not value >= 0:
+            raise ValueError(f"{f.name} must be >= 0, got {value}")
+        if f.name.endswith("_mb") and not value > 0:
+            raise ValueError(f"{f.name} must be > 0, got {value}")
+
+
 # A model stage's pool size: a number, or "auto" (the default) to follow the cluster's GPUs (runtime.replicas_for).
 Replicas = int | Literal["auto"] | None
 

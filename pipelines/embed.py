@@ -17,7 +17,7 @@ from operators.sink import RowSink
 from operators.tokenize import TokenizeConfig, Tokenizer
 from operators.validate import IdRegistry, ValidateConfig, validate_rows
 from pipelines import defaults
-from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
+from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
@@ -79,6 +79,7 @@ class EmbedJobConfig(StorageSettings):
     address: str | None = None
 
     def __post_init__(self):
+        check_ranges(self)
         if self.text_kind not in ("document", "query"):
             raise ValueError(f"text_kind must be one of ['document', 'query'], got {self.text_kind!r}")
         if self.rows_per_file is not None and self.rows_per_file < 1:

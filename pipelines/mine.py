@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.ann import IndexConfig, ShardSearcher
-from operators.io import InputError, InputFiles, resolve_input
+from operators.io import InputError, InputFiles, check_type, is_id, is_text, resolve_input
 from operators.lookup import build_store, fill_store
 from operators.mine import (
     CandidateTeacher,
@@ -45,7 +45,7 @@ from operators.sink import RowSink
 from operators.storage import exists, read_json, resolve, write_json
 from pipelines import config as config_mod
 from pipelines import defaults, embed
-from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
+from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.faults import INDEX_ACTOR, POOL_ACTOR
 from pipelines.job import execute, stage_row
 from pipelines.runtime import cluster_gpus, ray_session
@@ -134,6 +134,7 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     address: str | None = None
 
     def __post_init__(self):
+        check_ranges(self)
         sel = self.select()  # validates the rules before anything runs
         # The vector dimension is known after embedding (pq_m must divide it; checked when the shards are built).
         IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows or 1, nprobe=self.nprobe)
@@ -304,6 +305,15 @@ def _check_inputs(job: MineJobConfig) -> tuple[bool, InputFiles]:
             hint = f" (positives by id in '{job.positives_column}', or as texts in '{job.pos_column}')" \
                 if what == "queries" else ""  # fmt: skip
             raise ConfigError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {inp.schema.names}{hint}")
+    try:
+        if c is not None:
+            check_type(c, job.corpus_text_column, "strings", is_text)
+            check_type(c, job.corpus_id_column, "strings or integers", is_id)
+        check_type(q, job.query_column, "strings", is_text)
+        if not text_mode:
+            check_type(q, job.query_id_column, "strings or integers", is_id)
+    except InputError as e:
+        raise ConfigError(str(e)) from e
     if not text_mode and c is not None:
         pos_t, id_t = q.schema.field(job.positives_column).type, c.schema.field(job.corpus_id_column).type
         item_t = pos_t.value_type if pa.types.is_list(pos_t) or pa.types.is_large_list(pos_t) else None

@@ -19,7 +19,7 @@ from operators.sink import RowSink
 from operators.teacher import TeacherConfig, TeacherScorer
 from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
-from pipelines.config import ConfigError, Replicas, StorageSettings, to_dict
+from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.embed import forward_limits
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
@@ -74,6 +74,7 @@ class ScoreJobConfig(StorageSettings):
     address: str | None = None
 
     def __post_init__(self):
+        check_ranges(self)
         if self.rows_per_file < 1 or self.batch_size < 1 or self.block_mb <= 0 or self.io_num_cpus <= 0:
             raise ValueError("rows_per_file, batch_size, block_mb and io_num_cpus must be positive")
         if (self.queries is None) != (self.corpus is None):

@@ -214,8 +214,8 @@ def cluster():
                                                       "dashboard_agent_listen_port": _free_port(),
                                                       "resources": {"head": 1},
                                                       # a killed node is declared dead in ~3 s, not ~15 s
-                                                      "_system_config": {"health_check_period_ms": 1000,
-                                                                         "health_check_failure_threshold": 3}})  # fmt: skip
+                                                      "_system_config": {"health_check_failure_threshold": 3,
+                                                                         "health_check_period_ms": 1000}})  # fmt: skip
     try:
         gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1, resources={"gpu_node": 1}) for _ in range(2)]
         c.wait_for_nodes()

@@ -202,15 +202,19 @@ def test_duplicated_input_file_is_rejected_as_duplicates(ray_local, tiny_bert, t
 
 
 def test_non_string_texts_are_rejected_not_crashing(ray_local, tiny_bert, tmp_path):
-    src = tmp_path / "numbers.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": [1, 2, None]}), src)
+    """Texts of other types among strings are set aside row by row; a text column with no strings at all is refused
+    before any work (tests/reliability/test_bad_input.py)."""
+    src = tmp_path / "mixed.jsonl"
+    rows = [{"id": "a", "text": 1}, {"id": "b", "text": "the list"}, {"id": "c", "text": None},
+            {"id": "d", "text": "a file"}, {"id": "e", "text": ["a", "list"]}]  # fmt: skip
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "32"]) == 0
-    assert _read_output(out) is None  # nothing valid to write
+    assert sorted(_read_output(out).column("id").to_pylist()) == ["b", "d"]
     assert sorted((r["id"], r["reason"]) for r in _read_rejects(out)) == [
-        ("a", "text_not_string"), ("b", "text_not_string"), ("c", "text_null")]  # fmt: skip
+        ("a", "text_wrong_type"), ("c", "text_null"), ("e", "text_wrong_type")]  # fmt: skip
     c = json.loads((out / "_manifest.json").read_text())["counts"]
-    assert (c["rows_in"], c["rows_out"], c["rows_rejected"]) == (3, 0, 3)
+    assert (c["rows_in"], c["rows_out"], c["rows_rejected"]) == (5, 2, 3)
 
 
 def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path):
