@@ -57,14 +57,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def inspect_model(path: str, *, allow_pickle: bool = False, storage: StorageConfig | None = None) -> ModelInfo:
-    """Read a model folder's config; fail with a clear message if it is not a loadable model folder.
+def inspect_model(
+    path: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, storage: StorageConfig | None = None
+) -> ModelInfo:
+    """Read a model folder's config; fail with a clear message if it is not a loadable model folder, or if loading
+    it would run code: pickle weights without ``allow_pickle``, the folder's own Python (``auto_map`` for a model
+    type transformers does not know) without ``trust_remote_code``.
 
     ``path``: a local folder, or an object-storage prefix (``s3://bucket/models/x``) fetched once per node into
     the local cache (``storage.fetch_folder``); never a model hub.
     """
     if not is_local(path):
-        info = inspect_model(fetch_folder(path, storage), allow_pickle=allow_pickle)
+        info = inspect_model(fetch_folder(path, storage), allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code)  # fmt: skip
         return dataclasses.replace(info, source=path, storage=storage)
     root = Path(path)
     if not root.is_dir():
@@ -87,6 +92,14 @@ def inspect_model(path: str, *, allow_pickle: bool = False, storage: StorageConf
         if not pickled:
             raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
         weights = pickled
+    if cfg.get("auto_map") and not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        if cfg.get("model_type") not in CONFIG_MAPPING:  # a known type loads with transformers' own code
+            raise ValueError(
+                f"model folder {path!r} needs its own Python code (auto_map {sorted(cfg['auto_map'].values())}) for "
+                f"model type {cfg.get('model_type')!r}; pass --trust-remote-code if you trust the source"
+            )
     text_cfg = cfg.get("text_config", cfg)  # multimodal configs (Gemma 3) nest the LM's fields
     hidden = text_cfg.get("hidden_size") or text_cfg.get("d_model") or text_cfg.get("dim")
     if not hidden:

@@ -144,7 +144,8 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
     """
     try:
         model = job.model or defaults.default_student()
-        info = inspect_model(model, allow_pickle=job.allow_pickle, storage=job.storage())
+        info = inspect_model(model, allow_pickle=job.allow_pickle, trust_remote_code=job.trust_remote_code,
+                             storage=job.storage())  # fmt: skip
         inp = inp or resolve_input(job.input_uri(), job.format, job.storage())
         check_columns(
             inp,

@@ -151,7 +151,10 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
     """Resolve defaults and check everything that needs no cluster: input columns, teacher, ranges."""
     try:
         info = inspect_model(
-            job.teacher or defaults.default_teacher(), allow_pickle=job.allow_pickle, storage=job.storage()
+            job.teacher or defaults.default_teacher(),
+            allow_pickle=job.allow_pickle,
+            trust_remote_code=job.trust_remote_code,
+            storage=job.storage(),
         )
         inp = inp or resolve_input(job.input or defaults.sample_pairs(), job.format, job.storage())
         found = inp.schema.names

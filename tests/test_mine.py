@@ -199,7 +199,7 @@ def test_empty_or_malformed_inputs_fail_before_any_work(tmp_path, capsys):
     base = ["mine", "--queries", str(tmp_path / "queries.parquet"), "--output", str(tmp_path / "o")]
     t0 = time.perf_counter()
     assert main([*base, "--corpus", str(empty)]) == 2
-    assert "has no rows" in capsys.readouterr().err
+    assert "empty.jsonl' holds no JSON object lines" in capsys.readouterr().err
     assert main([*base, "--corpus", str(tmp_path / "queries.parquet")]) == 2
     assert "missing column(s) ['id', 'text']" in capsys.readouterr().err
     assert main([*base, "--corpus", str(tmp_path / "corpus.parquet"), "--index", str(tmp_path / "nope")]) == 2

@@ -129,3 +129,26 @@ def test_bad_rows_are_set_aside_with_reasons_and_counted(ray_local, tiny_bert, t
     c = m["counts"]
     assert c["rows_in"] == len(lines) == c["rows_out"] + c["rows_rejected"]
     assert c["rows_truncated"] >= 1
+
+
+def test_a_model_needing_its_own_code_is_refused_without_trust_remote_code(tiny_bert, tmp_path, capsys):
+    """A model folder whose config maps to its own Python (auto_map, a model type transformers lacks): refused
+    before any work, naming the files, and that code is never imported; --trust-remote-code lets it through."""
+    import shutil
+
+    from operators.model import inspect_model
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_bert, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(model_type="kalm-custom", auto_map={"AutoConfig": "custom.Config", "AutoModel": "custom.Model"})
+    (model / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "custom-code-ran"
+    (model / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    pq.write_table(pa.table({"id": ["a"], "text": ["the list"]}), tmp_path / "in.parquet")
+    rc = main(["embed", "--model", str(model), "--input", str(tmp_path / "in.parquet"), "--output",
+               str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_CONFIG and "needs its own Python code" in err and "--trust-remote-code" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert inspect_model(str(model), trust_remote_code=True).model_type == "kalm-custom"
