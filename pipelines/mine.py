@@ -46,7 +46,7 @@ from operators.storage import exists, read_json, resolve, write_json
 from pipelines import config as config_mod
 from pipelines import defaults, embed
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
-from pipelines.faults import INDEX_ACTOR, POOL_ACTOR
+from pipelines.faults import INDEX_ACTOR, POOL_ACTOR, StallError, stall_s
 from pipelines.job import execute, stage_row
 from pipelines.runtime import cluster_gpus, ray_session
 
@@ -377,13 +377,24 @@ def _start_shards(job: MineJobConfig, dim: int, sizes: list[int], saved: list[tu
             .remote(cfg, max(n, 1), i, s) for i, (n, s) in enumerate(zip(sizes, saved))]  # fmt: skip
 
 
-def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
+def _ready(shards: list, job: MineJobConfig) -> list[int]:
+    """The shards' sizes once they have started. A shard no node can hold (the memory it reserves) would wait
+    forever: after ``KALM_STALL_S`` this ends with a StallError naming the setting to lower."""
     import ray
 
+    try:
+        return ray.get([s.size.remote() for s in shards], timeout=stall_s() or None)
+    except ray.exceptions.GetTimeoutError:
+        raise StallError(f"index shards did not start within {stall_s():.0f} s: no node has the memory they reserve "
+                         f"(shard_memory_gb={job.shard_memory_gb}, shard_rows={job.shard_rows}); lower "
+                         "--shard-memory-gb or add nodes (KALM_STALL_S sets this limit)") from None  # fmt: skip
+
+
+def _load_index(job: MineJobConfig, uri: str, meta: dict) -> list:
     fs, root = resolve(uri, job.storage())
     shards = _start_shards(job, meta["dim"], meta.get("sizes") or [meta["vectors"] // len(meta["shards"])] * len(
         meta["shards"]), saved=[(fs, f"{root}/{p}") for p in meta["shards"]])  # fmt: skip
-    sizes = ray.get([s.size.remote() for s in shards])
+    sizes = _ready(shards, job)
     if sum(sizes) != meta["vectors"]:
         raise ConfigError(f"index {uri!r}: {sum(sizes)} vectors loaded, its manifest says {meta['vectors']}")
     logger.info("index loaded from %s: %d shard(s), %d vectors", uri, len(shards), sum(sizes))
@@ -429,6 +440,7 @@ def _open_index(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> tup
                           f"{sum(c['rows_rejected'] for c in counts)} rejected "
                           f"{[c['rejected_by_reason'] for c in counts]}): nothing to search")  # fmt: skip
     shards = _start_shards(job, dim, [sum(p[4] for p in g) for g in groups])
+    _ready(shards, job)
     calls = []
     for s, group in zip(shards, groups):  # an actor runs its calls in order, so positions stay contiguous
         for cfs, path, idc, vec, _ in group:

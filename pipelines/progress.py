@@ -144,6 +144,7 @@ class Tracker:
     def __init__(self, stage: str, counter, interval_s: float, stall_after_s: float = 0.0):
         self.stage, self.counter, self.interval_s, self.stall_after_s = stage, counter, interval_s, stall_after_s
         self.stalled = False
+        self.last_change = time.perf_counter()  # when the row count last moved
         self.lock = threading.Lock()  # interrupting the driver and ending the stage exclude each other
         self.key = uuid.uuid4().hex
         self.total: int | None = None
@@ -178,8 +179,6 @@ class Tracker:
             logger.info("%s", line)
         return done
 
-    last_change = 0.0
-
     def stall_message(self) -> str:
         done = self.samples[-1][1] if self.samples else 0
         return (f"{self.stage}: no row finished for {self.stall_after_s:.0f} s ({done:,} done); a lost actor with no "
@@ -202,7 +201,7 @@ class Tracker:
                 self.poll(log=log)
             except Exception as e:  # noqa: BLE001 - the job's own errors surface in the driver, not here
                 logger.debug("progress poll failed: %s", e)
-                return
+                continue  # no count, so no stall can be told either: try again next tick
             last_line = now if log else last_line
             if self.stall_after_s > 0 and time.perf_counter() - self.last_change > self.stall_after_s:
                 with self.lock:

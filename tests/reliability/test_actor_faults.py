@@ -219,3 +219,15 @@ def test_a_stage_that_stops_moving_ends_with_a_clear_error(ray_local, monkeypatc
                 pass
     assert time.perf_counter() - t0 < 60 and "rerun the same command to resume" in str(e.value)
     assert "(100 done)" not in str(e.value)
+
+
+def test_index_shards_no_node_can_hold_end_with_a_clear_error(ray_local, monkeypatch):
+    """A shard reserving more memory than any node has would wait forever for a node: it ends with StallError
+    naming the setting to lower."""
+    from pipelines.faults import StallError
+    from pipelines.mine import MineJobConfig, _ready, _start_shards
+
+    monkeypatch.setenv("KALM_STALL_S", "3")
+    shards = _start_shards(MineJobConfig(), 32, [10**12])  # ~160 TB of vectors
+    with pytest.raises(StallError, match="index shards did not start within 3 s: no node has the memory"):
+        _ready(shards, MineJobConfig())
