@@ -46,7 +46,7 @@ def test_lost_commit_is_redone_exactly_once(ray_local, tiny_bert, tmp_path):
         ids += chunk
     out = tmp_path / "out"
     args = ["embed", "--input", str(src), "--output", str(out), "--model", tiny_bert, "--max-length", "16",
-            "--batch-size", "20", "--rows-per-file", "20", "--block-mb", "0.001"]  # fmt: skip
+            "--batch-size", "20", "--rows-per-file", "20", "--block-mb", "0.004"]  # fmt: skip
     assert main(args) == 0
     records = sorted((out / ledger.COMMITS_DIR).glob("*.json"))
     assert len(records) >= 4
