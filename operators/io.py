@@ -185,10 +185,14 @@ def check_columns(inp: InputFiles, *, id_column: str, text_column: str, keep_col
 
 
 def is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):  # pandas categoricals are written as dictionary-encoded strings
+        t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t)
 
 
 def is_id(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
     return is_text(t) or pa.types.is_integer(t)
 
 

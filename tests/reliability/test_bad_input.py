@@ -152,3 +152,20 @@ def test_a_model_needing_its_own_code_is_refused_without_trust_remote_code(tiny_
     assert rc == EXIT_BAD_CONFIG and "needs its own Python code" in err and "--trust-remote-code" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert inspect_model(str(model), trust_remote_code=True).model_type == "kalm-custom"
+
+
+def test_column_types_that_hold_text_and_ids_are_accepted(tmp_path):
+    """The type check refuses only what cannot hold text or ids: dictionary-encoded strings (pandas categoricals),
+    large strings and integer ids pass."""
+    from operators.io import InputError, check_columns, resolve_input
+
+    table = pa.table({"id": pa.array([1, 2], pa.int64()), "text": pa.array(["a", "b"]).dictionary_encode(),
+                      "big": pa.array(["a", "b"], pa.large_string()), "n": [1.0, 2.0]})  # fmt: skip
+    pq.write_table(table, tmp_path / "t.parquet")
+    inp = resolve_input(str(tmp_path / "t.parquet"))
+    check_columns(inp, id_column="id", text_column="text", keep_columns=(), add_ids=False)
+    check_columns(inp, id_column="id", text_column="big", keep_columns=(), add_ids=False)
+    with pytest.raises(InputError, match="column 'n' holds double values; expected strings"):
+        check_columns(inp, id_column="id", text_column="n", keep_columns=(), add_ids=False)
+    with pytest.raises(InputError, match="column 'n' holds double values; expected strings or integers"):
+        check_columns(inp, id_column="n", text_column="text", keep_columns=(), add_ids=False)
