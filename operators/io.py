@@ -153,8 +153,8 @@ def resolve_input(uri: str, fmt: str | None = None, storage: StorageConfig | Non
     try:
         first = files[0]
         if fmt in ("jsonl", "csv") and len(files) > 1:  # an empty part among others is only 0 rows
-            sizes = fs.get_file_info(files)
-            first = next((i.path for i in sizes if i.size), files[0])
+            # one HEAD per file until a non-empty one: usually the first (a folder may hold thousands)
+            first = next((f for f in files if fs.get_file_info(f).size), files[0])
         schema = _first_schema(fs, fmt, first)
     except OSError as e:
         raise storage_error(e, uri) from e

@@ -169,3 +169,12 @@ def test_column_types_that_hold_text_and_ids_are_accepted(tmp_path):
         check_columns(inp, id_column="id", text_column="n", keep_columns=(), add_ids=False)
     with pytest.raises(InputError, match="column 'n' holds double values; expected strings or integers"):
         check_columns(inp, id_column="n", text_column="text", keep_columns=(), add_ids=False)
+
+
+def test_an_empty_part_in_a_folder_is_zero_rows_not_an_error(tmp_path):
+    from operators.io import resolve_input
+
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text('{"id": "x", "text": "the list"}\n')
+    inp = resolve_input(str(tmp_path))
+    assert len(inp.files) == 2 and inp.schema.names == ["id", "text"]  # the schema of the first non-empty part
