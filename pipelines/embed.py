@@ -82,12 +82,6 @@ class EmbedJobConfig(StorageSettings):
         check_ranges(self)
         if self.text_kind not in ("document", "query"):
             raise ValueError(f"text_kind must be one of ['document', 'query'], got {self.text_kind!r}")
-        if self.rows_per_file is not None and self.rows_per_file < 1:
-            raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
-        if self.block_mb <= 0:
-            raise ValueError(f"block_mb must be > 0, got {self.block_mb}")
-        if self.io_num_cpus <= 0:
-            raise ValueError(f"io_num_cpus must be > 0, got {self.io_num_cpus}")
         self.storage()  # validates the storage settings
 
     def input_uri(self) -> str:

@@ -140,8 +140,6 @@ class MineJobConfig(StorageSettings, SelectionSettings):
         IndexConfig(dim=16, index_type=self.index_type, shard_rows=self.shard_rows or 1, nprobe=self.nprobe)
         if not self.shard_memory_gb > 0:
             raise ValueError(f"shard_memory_gb must be > 0, got {self.shard_memory_gb}")
-        if self.search_batch < 1 or self.miners < 1:
-            raise ValueError(f"search_batch and miners must be >= 1, got {self.search_batch}, {self.miners}")
         if self.pool is not None and self.pool < sel.candidates_needed(1):
             raise ValueError(f"pool ({self.pool}) must hold the rules' window: >= {sel.candidates_needed(1)}")
         if self.index is not None and self.corpus_embeddings is not None:

@@ -75,14 +75,10 @@ class ScoreJobConfig(StorageSettings):
 
     def __post_init__(self):
         check_ranges(self)
-        if self.rows_per_file < 1 or self.batch_size < 1 or self.block_mb <= 0 or self.io_num_cpus <= 0:
-            raise ValueError("rows_per_file, batch_size, block_mb and io_num_cpus must be positive")
         if (self.queries is None) != (self.corpus is None):
             raise ValueError("ID-keyed input needs both --queries and --corpus (the tables its ids point into)")
         if self.queries is not None and self.input is None:
             raise ValueError("--queries/--corpus name the texts of an ID-keyed --input; give --input too")
-        if self.text_store_shards < 1:
-            raise ValueError(f"text_store_shards must be >= 1, got {self.text_store_shards}")
         self.storage()
 
 
