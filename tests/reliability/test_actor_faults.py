@@ -66,6 +66,20 @@ class Killer(threading.Thread):
         self.join(5)
 
 
+def _run_and_kill(title: str, out: Path, argv: list[str]) -> None:
+    """Runs ``kalm argv`` while a Killer SIGKILLs the process titled ``title`` after the first commit; checks the run
+    succeeded, the kill landed mid-run and Ray started a replacement."""
+    killer = Killer(title, lambda: _commits(out))
+    killer.start()
+    try:
+        rc = main(argv)
+    finally:
+        killer.stop()
+    assert rc == 0
+    assert killer.killed is not None and killer.commits_before < _commits(out), "the kill did not land mid-run"
+    assert killer.seen_after, f"no replacement {title} was started"
+
+
 def _commits(out: Path) -> int:
     return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
 
@@ -80,17 +94,9 @@ def test_embedder_killed_mid_run(ray_local, tiny_bert, tmp_path):
     pq.write_table(pa.table({"id": ids, "text": [_text(i) for i in range(n)]}), tmp_path / "in.parquet",
                    row_group_size=250)  # fmt: skip
     out = tmp_path / "out"
-    killer = Killer("MapBatches(Embedder)", lambda: _commits(out))
-    killer.start()
-    try:
-        rc = main(["embed", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", tiny_bert,
-                   "--max-rows", "4", "--batch-size", "64", "--rows-per-file", "250",
-                   "--block-mb", "0.02"])  # fmt: skip
-    finally:
-        killer.stop()
-    assert rc == 0
-    assert killer.killed is not None and killer.commits_before < _commits(out), "the kill did not land mid-run"
-    assert killer.seen_after, "no replacement Embedder was started"
+    _run_and_kill("MapBatches(Embedder)", out, ["embed", "--input", str(tmp_path / "in.parquet"), "--output",
+                  str(out), "--model", tiny_bert, "--max-rows", "4", "--batch-size", "64", "--rows-per-file", "250",
+                  "--block-mb", "0.02"])  # fmt: skip
     got = pq.read_table(out, columns=["id"]).column("id").to_pylist()
     assert len(got) == n and set(got) == set(ids)  # every row, once
     c = json.loads((out / "_manifest.json").read_text())["counts"]
@@ -103,17 +109,9 @@ def test_teacher_killed_mid_run(ray_local, tiny_bert, tmp_path):
     rows[7] = {"query": "q", "pos": "not a list"}  # a bad row: set aside with its reason, counted
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    killer = Killer("MapBatches(TeacherScorer)", lambda: _commits(out))
-    killer.start()
-    try:
-        rc = main(["score", "--input", str(tmp_path / "rows.jsonl"), "--output", str(out), "--teacher", tiny_bert,
-                   "--query-prompt", "", "--max-rows", "8", "--batch-size", "16", "--rows-per-file", "50",
-                   "--block-mb", "0.01"])  # fmt: skip
-    finally:
-        killer.stop()
-    assert rc == 0
-    assert killer.killed is not None and killer.commits_before < _commits(out), "the kill did not land mid-run"
-    assert killer.seen_after, "no replacement teacher was started"
+    _run_and_kill("MapBatches(TeacherScorer)", out, ["score", "--input", str(tmp_path / "rows.jsonl"), "--output",
+                  str(out), "--teacher", tiny_bert, "--query-prompt", "", "--max-rows", "8", "--batch-size", "16",
+                  "--rows-per-file", "50", "--block-mb", "0.01"])  # fmt: skip
     lines = [json.loads(x) for f in sorted(out.glob("part-*.jsonl")) for x in f.read_text().splitlines()]
     queries = [r["query"] for r in lines]
     assert len(queries) == n - 1 and set(queries) == {r["query"] for i, r in enumerate(rows) if i != 7}
