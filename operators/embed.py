@@ -13,9 +13,20 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
-from operators.model import COMPUTE_DTYPES, ModelInfo, cpu_threads, load_model, select_device, to_device
-from operators.pooling import POOLINGS, l2_normalize, matryoshka, pad_ids, plan_token_batches, pool
+from operators.arrow import fixed_size_list, flat_ids
+from operators.model import (
+    ATTN_IMPLEMENTATIONS,
+    COMPUTE_DTYPES,
+    ModelInfo,
+    cpu_threads,
+    load_model,
+    select_device,
+    to_device,
+)
+from operators.pooling import POOLINGS, l2_normalize, matryoshka, pad_flat, plan_token_batches, pool, select_rows
+from operators.tokenize import TOKEN_COLUMNS
 from operators.validate import REJECT_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -33,7 +44,10 @@ class EmbedConfig:
     embedding_column: str = "embedding"
     output_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bf16 on CUDA, float32 on CPU
-    attn_implementation: str = "sdpa"
+    # auto: flash_attention_2 on CUDA in half precision where flash-attn is installed, else sdpa (eager for
+    # architectures transformers has no SDPA path for, e.g. MPNet)
+    attn_implementation: str = "auto"
+    compile: bool = False  # torch.compile the forward (dynamic shapes): minutes of compiling, then fused kernels
     bidirectional: bool = False
     trust_remote_code: bool = False
     device: str = "auto"  # auto: cuda when the actor was given a GPU
@@ -52,6 +66,7 @@ class EmbedConfig:
             ("output_dtype", self.output_dtype, OUTPUT_DTYPES),
             ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
             ("device", self.device, DEVICES),
+            ("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS),
         ]
         for name, value, valid in checks:
             if value not in valid:
@@ -84,6 +99,15 @@ def vectors_by_column(pooled: np.ndarray, cfg: EmbedConfig) -> dict[str, np.ndar
 
 
 class Embedder:
+    """The model replica. Arrow batches in and out (``batch_format="pyarrow"``): token ids arrive as one flat
+    buffer (``operators.tokenize``) and are padded per forward batch with array indexing, no loop over rows;
+    vectors leave as ``fixed_size_list`` columns, the type the sink writes, so nothing converts them again.
+
+    On CUDA the pooled vectors of a call's forward batches stay on the GPU until the call ends, so the host pads and
+    copies the next batch (pinned memory, non-blocking) while the GPU still computes the last one; one copy back
+    per call instead of one synchronising copy per forward batch.
+    """
+
     def __init__(self, cfg: EmbedConfig):
         import torch
 
@@ -102,15 +126,21 @@ class Embedder:
             bidirectional=cfg.bidirectional,
             trust_remote_code=cfg.trust_remote_code,
         )
+        self.forward = compiled(self.model) if cfg.compile else self.model
+        # Rows padded to a multiple of 8 tokens on CUDA: tensor-core-friendly shapes, and fewer distinct shapes for
+        # torch.compile. Padded positions are masked out of attention and pooling, so vectors do not change.
+        self.multiple = 8 if self.device == "cuda" else 1
         self.pad_id = 0  # any id works: padded positions are masked out of attention and pooling
 
-    def _forward(self, ids: list[np.ndarray]) -> np.ndarray:
-        """ids: B arrays of token ids -> pooled [B, H] float32 (before normalisation)."""
-        t_tokens, t_mask = to_device(self.device, *pad_ids(ids, self.pad_id))
+    def _forward(self, values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+        """Rows ``rows`` of the flat ids -> pooled [B, H] float32 tensor on the model's device (not synchronised)."""
+        tokens, lengths = pad_flat(values, offsets, rows, self.pad_id, self.multiple)  # [B, L] int64, [B]
+        t_tokens, t_lengths = to_device(self.device, tokens, lengths)
+        positions = self.torch.arange(tokens.shape[1], device=t_tokens.device)
+        t_mask = (positions[None, :] < t_lengths[:, None]).long()  # [B, L], built on the device: half the copy
         with self.torch.inference_mode():
-            hidden = self.model(input_ids=t_tokens, attention_mask=t_mask).last_hidden_state  # [B, L, H]
-            pooled = pool(hidden, t_mask, self.cfg.pooling)  # [B, H] float32
-        return pooled.cpu().numpy()
+            hidden = self.forward(input_ids=t_tokens, attention_mask=t_mask).last_hidden_state  # [B, L, H]
+            return pool(hidden, t_mask, self.cfg.pooling)  # [B, H] float32
 
     def set_threads(self) -> None:
         if self.threads and self.torch.get_num_threads() != self.threads:
@@ -118,32 +148,45 @@ class Embedder:
             # __init__, where Ray's OMP_NUM_THREADS=1 for fractional-CPU actors would leave one core busy.
             self.torch.set_num_threads(self.threads)
 
-    def pooled(self, ids: list[np.ndarray]) -> np.ndarray:
-        """N arrays of token ids -> pooled [N, H] float32, in input order; length-sorted token-budget batches."""
-        out = np.zeros((len(ids), self.cfg.model.hidden_size), dtype=np.float32)
-        if ids:
-            lengths = np.array([len(x) for x in ids])
-            for group in plan_token_batches(lengths, self.cfg.max_tokens, self.cfg.max_rows):
-                out[group] = self._forward([ids[i] for i in group])
+    def pooled_flat(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Flat ids [T] with offsets [N + 1] -> pooled [N, H] float32 in input order; length-sorted token-budget
+        batches."""
+        n = len(offsets) - 1
+        out = np.zeros((n, self.cfg.model.hidden_size), dtype=np.float32)
+        if n:
+            parts = [
+                (group, self._forward(values, offsets, group))
+                for group in plan_token_batches(np.diff(offsets), self.cfg.max_tokens, self.cfg.max_rows)
+            ]
+            order = np.concatenate([g for g, _ in parts])
+            out[order] = self.torch.cat([p for _, p in parts]).cpu().numpy()  # the one synchronising copy
         return out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def pooled(self, ids: list[np.ndarray]) -> np.ndarray:
+        """N arrays of token ids -> pooled [N, H] float32, in input order (the teacher's entry point)."""
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate(ids).astype(np.int32, copy=False) if ids else np.zeros(0, np.int32)
+        return self.pooled_flat(values, offsets)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
         self.set_threads()
-        reasons = batch[REJECT_COLUMN].copy()
+        reasons = np.asarray(batch.column(REJECT_COLUMN).to_numpy(zero_copy_only=False), dtype=object).copy()
         n = len(reasons)
         pooled = np.zeros((n, cfg.model.hidden_size), dtype=np.float32)
         rows = np.flatnonzero(reasons == "")
         if len(rows):
-            ids = batch["input_ids"]
-            pooled[rows] = self.pooled([ids[i] for i in rows])
+            values, offsets = flat_ids(batch.column("input_ids"))
+            if len(rows) < n:  # rejected rows hold no ids; keep the valid rows' spans
+                values, offsets = select_rows(values, offsets, rows)
+            pooled[rows] = self.pooled_flat(values, offsets)
         bad = ~np.isfinite(pooled).all(axis=1) & (reasons == "")
         if bad.any():
             logger.warning("%d rows produced non-finite embeddings; set aside as rejects", int(bad.sum()))
             reasons[bad] = "embedding_not_finite"
             pooled[bad] = 0.0
-        out = {k: v for k, v in batch.items() if k not in ("input_ids", "num_tokens")}
-        out[REJECT_COLUMN] = reasons
         vectors = vectors_by_column(pooled, cfg)
         if cfg.output_dtype == "float16":
             # Values past fp16's range become inf in the cast: those rows go to the rejects too.
@@ -152,5 +195,15 @@ class Embedder:
                 over |= ~np.isfinite(v).all(axis=1)
             over &= reasons == ""
             reasons[over] = "embedding_not_finite"
-        out.update(vectors)
+        out = batch.drop_columns([c for c in (REJECT_COLUMN, *TOKEN_COLUMNS[:2]) if c in batch.column_names])
+        out = out.append_column(REJECT_COLUMN, pa.array(reasons, type=pa.string()))
+        for name, v in vectors.items():
+            out = out.append_column(name, fixed_size_list(v))
         return out
+
+
+def compiled(model):
+    """``torch.compile`` of the model's forward, dynamic in batch and length (one graph for every batch shape)."""
+    import torch
+
+    return torch.compile(model, dynamic=True)

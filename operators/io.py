@@ -29,7 +29,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from operators import ledger
-from operators.storage import StorageConfig, StorageError, check_bucket, list_files, resolve, storage_error
+from operators.storage import StorageConfig, StorageError, check_bucket, file_sizes, resolve, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class InputFiles:
     root: str  # sources (and ids made by add_ids) are relative to this folder, so they survive moving the data
     files: tuple[str, ...]  # paths inside fs
     schema: pa.Schema  # of the first file
+    total_bytes: int | None = None  # of all files, from the listing (sizes the id registry)
 
     def source(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
@@ -104,12 +105,12 @@ def _first_schema(fs: pafs.FileSystem, fmt: str, path: str) -> pa.Schema:
         raise InputError(f"cannot read {path!r} as {fmt}: {e}") from e
 
 
-def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
+def _glob(fs: pafs.FileSystem, pattern: str) -> dict[str, int]:
     first = min((pattern.find(c) for c in "*?[" if c in pattern), default=-1)
     if first < 0:
-        return []
+        return {}
     base = posixpath.dirname(pattern[:first]) or "/"
-    return [p for p in list_files(fs, base) if fnmatch.fnmatchcase(p, pattern)]
+    return {p: n for p, n in sorted(file_sizes(fs, base).items()) if fnmatch.fnmatchcase(p, pattern)}
 
 
 def resolve_input(uri: str, fmt: str | None = None, storage: StorageConfig | None = None) -> InputFiles:
@@ -126,18 +127,21 @@ def resolve_input(uri: str, fmt: str | None = None, storage: StorageConfig | Non
             with fs.open_input_stream(posixpath.join(path, "state.json")) as f:
                 state = json.loads(f.read())
             files, root, fmt = [posixpath.join(path, d["filename"]) for d in state["_data_files"]], path, "hf"
+            sizes = file_sizes(fs, path)
         elif info.type == pafs.FileType.Directory:
-            found = [f for f in list_files(fs, path) if _format_of(f) and not _hidden(posixpath.relpath(f, path))]
+            sizes = file_sizes(fs, path)
+            found = [f for f in sorted(sizes) if _format_of(f) and not _hidden(posixpath.relpath(f, path))]
             formats = {_format_of(f) for f in found}
             if fmt is None and len(formats) > 1:
                 raise InputError(f"folder {uri!r} mixes formats {sorted(formats)}; pass --format")
             fmt = fmt or next(iter(formats), None)
             files, root = [f for f in found if _format_of(f) == fmt], path
         elif info.type == pafs.FileType.File:
-            files, root = [path], posixpath.dirname(path)
+            files, root, sizes = [path], posixpath.dirname(path), {path: info.size}
             fmt = fmt or _format_of(path)
         else:
-            files = _glob(fs, path)
+            sizes = _glob(fs, path)
+            files = list(sizes)
             root = posixpath.commonpath(files) if len(files) > 1 else posixpath.dirname(files[0]) if files else ""
             if len(files) > 1 and root in files:  # pragma: no cover - a file cannot be a prefix of another
                 root = posixpath.dirname(root)
@@ -154,11 +158,12 @@ def resolve_input(uri: str, fmt: str | None = None, storage: StorageConfig | Non
         first = files[0]
         if fmt in ("jsonl", "csv") and len(files) > 1:  # an empty part among others is only 0 rows
             # one HEAD per file until a non-empty one: usually the first (a folder may hold thousands)
-            first = next((f for f in files if fs.get_file_info(f).size), files[0])
+            first = next((f for f in files if sizes.get(f, 1)), files[0])
         schema = _first_schema(fs, fmt, first)
     except OSError as e:
         raise storage_error(e, uri) from e
-    return InputFiles(uri=uri, format=fmt, fs=fs, root=root, files=tuple(files), schema=schema)
+    total = sum(sizes[f] for f in files) if all(f in sizes for f in files) else None
+    return InputFiles(uri=uri, format=fmt, fs=fs, root=root, files=tuple(files), schema=schema, total_bytes=total)
 
 
 def check_columns(inp: InputFiles, *, id_column: str, text_column: str, keep_columns: tuple[str, ...], add_ids: bool):

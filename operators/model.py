@@ -21,6 +21,7 @@ from operators.storage import StorageConfig, fetch_folder, is_local
 logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 ST_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",
@@ -166,17 +167,33 @@ def make_bidirectional(model) -> int:
     return switched
 
 
+def attention_candidates(requested: str, device: str, dtype) -> list[str]:
+    """Attention implementations to try, best first. ``auto``: flash-attn 2 on CUDA in half precision where the
+    package is installed (its varlen kernels skip padded positions), then SDPA, then eager for architectures that
+    transformers has no SDPA path for (MPNet...). An explicit choice is kept, with eager as its only fallback."""
+    import importlib.util
+
+    import torch
+
+    if requested != "auto":
+        return [requested] if requested == "eager" else [requested, "eager"]
+    flash = (device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16)
+             and importlib.util.find_spec("flash_attn") is not None)  # fmt: skip
+    return (["flash_attention_2"] if flash else []) + ["sdpa", "eager"]
+
+
 def load_model(
     info: ModelInfo,
     *,
     device: str,
     compute_dtype: str = "auto",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     bidirectional: bool = False,
     trust_remote_code: bool = False,
     auto_class: str = "AutoModel",
 ):
-    """Load weights onto ``device`` in eval mode; on CUDA, bf16/fp16 with SDPA (flash kernels where available)."""
+    """Load weights onto ``device`` in eval mode; on CUDA, bf16/fp16 with flash-attn or SDPA
+    (``attention_candidates``)."""
     import torch
     import transformers
 
@@ -192,14 +209,18 @@ def load_model(
         "trust_remote_code": trust_remote_code,
     }
     path = info.local_path()
-    try:
-        model = cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
-    except ValueError as e:
-        # Some architectures (MPNet, ...) have no SDPA path in transformers; their own attention is correct, slower.
-        if "does not support an attention implementation" not in str(e):
-            raise
-        logger.info("%s has no %s attention in transformers; using eager attention", info.name, attn_implementation)
-        model = cls.from_pretrained(path, attn_implementation="eager", **kwargs)
+    candidates = attention_candidates(attn_implementation, device, dtype)
+    for k, attn in enumerate(candidates):
+        try:
+            model = cls.from_pretrained(path, attn_implementation=attn, **kwargs)
+            break
+        except (ValueError, ImportError) as e:
+            # An architecture without this attention path in transformers (MPNet has no SDPA, many have no
+            # flash-attn): its next-best implementation computes the same, slower.
+            if k == len(candidates) - 1 or not ("attention" in str(e).lower() or "flash" in str(e).lower()):
+                raise
+            logger.info("%s: no %s attention (%s); trying %s", info.name, attn, str(e).splitlines()[0],
+                        candidates[k + 1])  # fmt: skip
     if bidirectional:
         n = make_bidirectional(model)
         logger.info("bidirectional attention: %d attention modules switched off causal", n)

@@ -76,3 +76,31 @@ def pad_ids(ids: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndar
         tokens[r, : len(x)] = x
         mask[r, : len(x)] = 1
     return tokens, mask
+
+
+def pad_flat(
+    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int = 0, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` of flat token ids -> (tokens [B, L] int64 right-padded with pad_id, lengths [B] int64).
+
+    values: [T] ids of all rows back to back; offsets: [N + 1], row r is values[offsets[r]:offsets[r + 1]].
+    L is the longest selected row rounded up to ``multiple``. One gather, no Python loop over rows.
+    """
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    longest = int(lengths.max()) if len(rows) else 0
+    longest = -(-longest // multiple) * multiple
+    cols = np.arange(longest)
+    real = cols[None, :] < lengths[:, None]  # [B, L]
+    tokens = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    tokens[real] = values[(starts[:, None] + cols[None, :])[real]]
+    return tokens, lengths.astype(np.int64)
+
+
+def select_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flat ids of rows ``rows`` only, back to back, with their offsets [len(rows) + 1]."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    new = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new[1:])
+    take = np.repeat(offsets[rows] - new[:-1], lengths) + np.arange(new[-1])
+    return values[take], new

@@ -24,18 +24,13 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from operators import ledger
+from operators.arrow import fixed_size_list
 from operators.io import ROW_COLUMN, SOURCE_COLUMN
 from operators.ledger import REJECTS_DIR
 from operators.storage import with_retries
 from operators.validate import REJECT_COLUMN
 
 logger = logging.getLogger(__name__)
-
-
-def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    """[N, D] numpy -> fixed_size_list<D> Arrow array (zero copy of the flat buffer)."""
-    values = np.ascontiguousarray(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def plain_column(col: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:

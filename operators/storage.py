@@ -219,13 +219,18 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 
 def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
     """All files under ``path`` (recursive), sorted; [] when it does not exist."""
+    return sorted(file_sizes(fs, path))
+
+
+def file_sizes(fs: pafs.FileSystem, path: str) -> dict[str, int]:
+    """{file: bytes} for every file under ``path`` (recursive), from one listing (no request per file)."""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        return []
+        return {}
     if info.type == pafs.FileType.File:
-        return [path]
+        return {path: info.size}
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(i.path for i in found if i.type == pafs.FileType.File)
+    return {i.path: i.size for i in found if i.type == pafs.FileType.File}
 
 
 def cache_dir() -> str:

@@ -65,7 +65,7 @@ class TeacherConfig:
     activation: str = "none"
     temperature: float | None = None  # adds teacher_probs
     compute_dtype: str = "auto"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # see operators.model.attention_candidates
     bidirectional: bool = False
     trust_remote_code: bool = False
     device: str = "auto"

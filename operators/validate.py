@@ -10,7 +10,9 @@ claim their ids again as the same owner and stay valid instead of being rejected
 On resume the registry is first filled with the ids already committed (``COMMITTED`` owner): the rows still to
 do are other rows, so a match there is a true duplicate. Each id costs ~150 bytes of actor memory (two 16-byte
 digests in a dict): ~15 GB per 100M rows, spread over the shards, so at billion-row scale run enough shards
-over the cluster, or turn the check off (``dedupe_ids: false``) when ids are known unique.
+over the cluster, or turn the check off (``dedupe_ids: false``) when ids are known unique. The number of shards
+follows the input's size (``id_shards_for``): each shard is an actor, a worker process that costs a second or two to
+start, which is most of a small job's time on a small machine.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ class ValidateConfig:
             raise ValueError(f"id_shards must be >= 1, got {self.id_shards}")
         if self.id_column == self.text_column:
             raise ValueError(f"id and text columns must differ, both are {self.id_column!r}")
+
+
+# Input bytes per registry shard. Text rows take >= ~25 bytes on disk even compressed, so a shard holds at most
+# ~20M ids (~3 GB at ~150 bytes an id).
+BYTES_PER_ID_SHARD = 500 * 2**20
+MAX_ID_SHARDS = 64
+
+
+def id_shards_for(total_bytes: int | None) -> int:
+    """Registry shards for an input of ``total_bytes`` (None: unknown, the most shards)."""
+    if total_bytes is None:
+        return MAX_ID_SHARDS
+    return max(1, min(MAX_ID_SHARDS, -(-total_bytes // BYTES_PER_ID_SHARD)))
 
 
 def _is_null(x) -> bool:

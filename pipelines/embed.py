@@ -14,8 +14,8 @@ from operators.embed import EmbedConfig, Embedder
 from operators.io import InputError, InputFiles, check_columns, resolve_input
 from operators.model import inspect_model, weights_sha256
 from operators.sink import RowSink
-from operators.tokenize import TokenizeConfig, Tokenizer
-from operators.validate import IdRegistry, ValidateConfig, validate_rows
+from operators.tokenize import TokenizeConfig, Tokenizer, backend_json
+from operators.validate import IdRegistry, ValidateConfig, id_shards_for, validate_rows
 from pipelines import defaults
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.faults import POOL_ACTOR
@@ -48,6 +48,8 @@ class EmbedJobConfig(StorageSettings):
     dims: tuple[int, ...] = ()
     dtype: str = "float32"  # of the stored vectors
     compute_dtype: str = "auto"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on GPU where flash-attn is installed, else sdpa
+    compile: bool = False  # torch.compile the model (GPU: fused kernels after a few minutes of compiling)
     bidirectional: bool = False
     device: str = "auto"  # auto: CUDA when the replica has a GPU; cpu forces CPU (e.g. logical GPUs in a test cluster)
     trust_remote_code: bool = False
@@ -163,6 +165,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
             num_cpus=job.tokenizer_num_cpus,
             batch_size=batch_size,
             keep_text=job.text_column in job.keep_columns,
+            tokenizer_json=backend_json(info.local_path(), job.trust_remote_code),
         )
         embed = EmbedConfig(
             model=info,
@@ -171,6 +174,8 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
             dims=job.dims,
             output_dtype=job.dtype,
             compute_dtype=job.compute_dtype,
+            attn_implementation=job.attn_implementation,
+            compile=job.compile,
             bidirectional=job.bidirectional,
             device=job.device,
             trust_remote_code=job.trust_remote_code,
@@ -180,7 +185,8 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
             num_gpus=num_gpus,
             num_cpus=job.embed_num_cpus if job.embed_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
         )
-        validate = ValidateConfig(id_column=job.id_column, text_column=job.text_column, dedupe_ids=job.dedupe_ids)
+        validate = ValidateConfig(id_column=job.id_column, text_column=job.text_column, dedupe_ids=job.dedupe_ids,
+                                  id_shards=id_shards_for(inp.total_bytes))  # fmt: skip
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
     return EmbedPlan(job, inp, job.output_uri(), validate, tokenize, embed)
@@ -236,10 +242,13 @@ def build_dataset(p: EmbedPlan, out: Output):
         num_cpus=job.io_num_cpus,
         udf_modifying_row_count=False,
     )
+    # Tokenizer and Embedder take and return Arrow tables: token ids and vectors cross as flat buffers
+    # (operators/tokenize.py says what that saves).
     ds = ds.map_batches(
         Tokenizer,
         fn_constructor_kwargs={"cfg": p.tokenize},
         batch_size=p.tokenize.batch_size,
+        batch_format="pyarrow",
         compute=ActorPoolStrategy(size=p.tokenize.replicas),
         num_cpus=p.tokenize.num_cpus,
         udf_modifying_row_count=False,
@@ -249,6 +258,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         Embedder,
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
+        batch_format="pyarrow",
         compute=ActorPoolStrategy(size=p.embed.replicas),
         num_gpus=p.embed.num_gpus or None,
         num_cpus=p.embed.num_cpus,

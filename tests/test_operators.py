@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from operators.arrow import vectors
 from operators.embed import EmbedConfig, Embedder
 from operators.model import inspect_model, load_model
 from operators.tokenize import TokenizeConfig, Tokenizer, apply_prompt
@@ -49,6 +51,14 @@ def test_id_registry_keeps_first_claim_and_types_ids():
     assert reg.size() == 4
 
 
+def test_id_shards_follow_the_input_size():
+    from operators.validate import BYTES_PER_ID_SHARD, MAX_ID_SHARDS, id_shards_for
+
+    assert id_shards_for(0) == 1 and id_shards_for(10_000) == 1  # a small job starts one registry actor, not four
+    assert id_shards_for(BYTES_PER_ID_SHARD) == 1 and id_shards_for(BYTES_PER_ID_SHARD + 1) == 2
+    assert id_shards_for(10**15) == MAX_ID_SHARDS and id_shards_for(None) == MAX_ID_SHARDS  # unknown: the most
+
+
 def test_prompt_forms():
     assert apply_prompt("Instruct: T\nQuery: {text}", "q") == "Instruct: T\nQuery: q"
     assert apply_prompt("Instruct: T \n Query: ", "q") == "Instruct: T \n Query: q"  # KaLM's older prefix form
@@ -62,21 +72,24 @@ def test_tokenizer_matches_hf_applies_prompt_and_counts_truncation(tiny_bert):
     out = tok(_batch(["the list", "the list of the string key value data in a file", None]))
     hf = AutoTokenizer.from_pretrained(tiny_bert)
     want0 = hf(apply_prompt(prompt, "the list"))["input_ids"]
-    assert out["input_ids"][0].tolist() == want0  # prompt tokens count toward max_length
-    assert out["truncated"].tolist() == [False, True, False]
+    ids = out.column("input_ids").to_pylist()
+    assert out.schema.field("input_ids").type == pa.list_(pa.int32())  # one flat buffer, no per-row objects
+    assert ids[0] == want0  # prompt tokens count toward max_length
+    assert out.column("truncated").to_pylist() == [False, True, False]
     assert len(want0) == 10  # [CLS] Instruct : find code Query : the list [SEP]
-    assert out["num_tokens"].tolist() == [10, 12, 0]
+    assert out.column("num_tokens").to_pylist() == [10, 12, 0]
     want1 = hf(apply_prompt(prompt, "the list of the string key value data in a file"), truncation=True, max_length=12)
-    assert out["input_ids"][1].tolist() == want1["input_ids"]
-    assert out["input_ids"][1][-1] == hf.convert_tokens_to_ids("[SEP]")  # truncation keeps the special tokens
-    assert out[REJECT_COLUMN].tolist() == ["", "", "text_null"]
-    assert "text" not in out
+    assert ids[1] == want1["input_ids"]
+    assert ids[1][-1] == hf.convert_tokens_to_ids("[SEP]")  # truncation keeps the special tokens
+    assert ids[2] == []
+    assert out.column(REJECT_COLUMN).to_pylist() == ["", "", "text_null"]
+    assert "text" not in out.column_names
 
 
 def test_tokenizer_cuts_huge_text_before_tokenising(tiny_bert):
     tok = Tokenizer(TokenizeConfig(model=inspect_model(tiny_bert), max_length=16))
     out = tok(_batch(["python " * 200_000]))  # 1.4 MB of text
-    assert out["num_tokens"][0] == 16 and out["truncated"][0]
+    assert out.column("num_tokens")[0].as_py() == 16 and out.column("truncated")[0].as_py()
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
@@ -86,7 +99,7 @@ def test_embedder_matches_unbatched_reference_whatever_the_batching(tiny_bert, p
     want = _reference(tiny_bert, TEXTS, pooling)
     for max_tokens, max_rows in [(10_000, 64), (16, 1), (40, 2)]:
         emb = Embedder(EmbedConfig(model=info, pooling=pooling, max_tokens=max_tokens, max_rows=max_rows))
-        got = emb(tok(_batch(TEXTS)))["embedding"]
+        got = vectors(emb(tok(_batch(TEXTS))), "embedding")
         assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
         np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -97,11 +110,12 @@ def test_embedder_matryoshka_columns_and_float16(tiny_bert):
     emb = Embedder(EmbedConfig(model=info, dims=(32, 8), output_dtype="float16"))
     out = emb(tok(_batch(TEXTS)))
     full = _reference(tiny_bert, TEXTS)
-    assert set(out) >= {"embedding_32", "embedding_8"} and "embedding" not in out
-    assert out["embedding_8"].dtype == np.float16
+    assert set(out.column_names) >= {"embedding_32", "embedding_8"} and "embedding" not in out.column_names
+    head8 = vectors(out, "embedding_8")
+    assert head8.dtype == np.float16 and out.schema.field("embedding_8").type == pa.list_(pa.float16(), 8)
     head = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
-    np.testing.assert_allclose(out["embedding_8"].astype(np.float32), head, atol=2e-3)
-    np.testing.assert_allclose(np.linalg.norm(out["embedding_8"].astype(np.float32), axis=1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(head8.astype(np.float32), head, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(head8.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
 def test_embedder_sets_aside_non_finite_rows(tiny_bert, tmp_path):
@@ -116,16 +130,17 @@ def test_embedder_sets_aside_non_finite_rows(tiny_bert, tmp_path):
     model.save_pretrained(model_dir, safe_serialization=True)
     info = inspect_model(str(model_dir))
     out = Embedder(EmbedConfig(model=info))(Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS)))
-    assert out[REJECT_COLUMN].tolist() == ["", "", "", "embedding_not_finite", ""]
-    assert np.isfinite(out["embedding"]).all()
+    assert out.column(REJECT_COLUMN).to_pylist() == ["", "", "", "embedding_not_finite", ""]
+    assert np.isfinite(vectors(out, "embedding")).all()
 
 
 def test_rejected_rows_pass_through_untouched(tiny_bert):
     info = inspect_model(tiny_bert)
     batch = _batch(["the list", "", None, "a file"])
     out = Embedder(EmbedConfig(model=info))(Tokenizer(TokenizeConfig(model=info, max_length=64))(batch))
-    assert out[REJECT_COLUMN].tolist() == ["", "text_empty", "text_null", ""]
-    np.testing.assert_allclose(out["embedding"][[0, 3]], _reference(tiny_bert, ["the list", "a file"]), atol=1e-5)
+    assert out.column(REJECT_COLUMN).to_pylist() == ["", "text_empty", "text_null", ""]
+    got = vectors(out, "embedding")[[0, 3]]
+    np.testing.assert_allclose(got, _reference(tiny_bert, ["the list", "a file"]), atol=1e-5)
 
 
 def _first_token_state(model, ids: list[int]) -> torch.Tensor:
@@ -150,7 +165,7 @@ def test_decoder_padding_does_not_change_vectors(tiny_qwen2, bidirectional):
     tok = Tokenizer(TokenizeConfig(model=info, max_length=64))
     for pooling in ("mean", "last"):
         emb = Embedder(EmbedConfig(model=info, pooling=pooling, bidirectional=bidirectional))
-        got = emb(tok(_batch(TEXTS)))["embedding"]
+        got = vectors(emb(tok(_batch(TEXTS))), "embedding")
         np.testing.assert_allclose(got, _reference(tiny_qwen2, TEXTS, pooling, bidirectional), atol=1e-5)
 
 
@@ -205,13 +220,67 @@ def test_decoder_families_bidirectional_and_padding(kind, tmp_path):
     bidi = load_model(info, device="cpu", bidirectional=True)
     assert not torch.allclose(_first_token_state(bidi, a), _first_token_state(bidi, b), atol=1e-4)
     seqs = [np.array(s, dtype=np.int32) for s in ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [20])]
-    batch = {"input_ids": np.array(seqs + [np.zeros(0, np.int32)], dtype=object)[:3],  # ragged, as Ray hands it
-             "num_tokens": np.array([len(s) for s in seqs], dtype=np.int32),
-             REJECT_COLUMN: np.array(["", "", ""], dtype=object)}  # fmt: skip
+    batch = pa.table({"input_ids": pa.array([s.tolist() for s in seqs], pa.list_(pa.int32())),  # ragged
+                      "num_tokens": [len(s) for s in seqs], REJECT_COLUMN: ["", "", ""]})  # fmt: skip
     emb = Embedder(EmbedConfig(model=info, bidirectional=True))
-    got = emb(batch)["embedding"]  # one padded forward
+    got = vectors(emb(batch), "embedding")  # one padded forward
     for row, s in enumerate(seqs):
         with torch.no_grad():
             h = bidi(input_ids=torch.tensor([s.tolist()]), attention_mask=torch.ones(1, len(s))).last_hidden_state[0]
         want = h.mean(0).numpy()
         np.testing.assert_allclose(got[row], want / np.linalg.norm(want), atol=1e-5)
+
+
+def test_embedder_reads_a_sliced_batch(tiny_bert):
+    """Ray hands a UDF slices of larger blocks: list offsets then start past 0 and must be rebased."""
+    info = inspect_model(tiny_bert)
+    table = Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS))
+    emb = Embedder(EmbedConfig(model=info))
+    got = vectors(emb(table.slice(2, 3)), "embedding")
+    np.testing.assert_allclose(got, _reference(tiny_bert, TEXTS[2:]), atol=1e-5)
+
+
+def test_tokenizer_actor_needs_no_transformers(tiny_qwen2, default_model):
+    """The driver serialises the tokenizer transformers built; an actor rebuilds it with `tokenizers` alone (its
+    start-up skips importing transformers) and gives exactly the HF tokenizer's ids, special tokens included."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from operators.tokenize import backend_json
+
+    texts = ["the python list", "Instruct: find\nQuery: a dict of string key value data", "caf\u00e9 \u4e2d\u6587 ok"]
+    for model in (default_model, tiny_qwen2):
+        info = inspect_model(model)
+        cfg = TokenizeConfig(model=info, max_length=64, tokenizer_json=backend_json(info.path))
+        script = (
+            "import pickle, sys\n"
+            "from operators.tokenize import Tokenizer\n"
+            "cfg, batch = pickle.loads(sys.stdin.buffer.read())\n"
+            "out = Tokenizer(cfg)(batch)\n"
+            "assert 'transformers' not in sys.modules, 'the tokenizer actor imported transformers'\n"
+            "sys.stdout.buffer.write(pickle.dumps(out.column('input_ids').to_pylist()))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", script], input=pickle.dumps((cfg, _batch(texts))),
+                              capture_output=True, cwd=str(Path(__file__).parents[1]))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        hf = AutoTokenizer.from_pretrained(model)
+        assert pickle.loads(proc.stdout) == [hf(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+
+
+def test_attention_candidates(tiny_bert, monkeypatch):
+    import importlib.util
+
+    from operators.model import attention_candidates
+
+    assert attention_candidates("auto", "cpu", torch.float32) == ["sdpa", "eager"]
+    assert attention_candidates("eager", "cuda", torch.bfloat16) == ["eager"]
+    assert attention_candidates("sdpa", "cpu", torch.float32) == ["sdpa", "eager"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name))
+    assert attention_candidates("auto", "cuda", torch.bfloat16) == ["flash_attention_2", "sdpa", "eager"]
+    assert attention_candidates("auto", "cuda", torch.float32) == ["sdpa", "eager"]  # flash-attn: half types only
+    assert attention_candidates("auto", "cpu", torch.bfloat16) == ["sdpa", "eager"]
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of .*got 'flash'"):
+        EmbedConfig(model=inspect_model(tiny_bert), attn_implementation="flash")

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.pooling import l2_normalize, matryoshka, plan_token_batches, pool
+from operators.pooling import l2_normalize, matryoshka, pad_flat, plan_token_batches, pool, select_rows
 
 HIDDEN = torch.tensor(
     [
@@ -76,3 +76,36 @@ def test_token_batches_cover_every_row_once_within_budget(lengths, max_tokens, m
         assert len(b) <= max_rows
         # padded cost within budget, unless a single row is longer than the whole budget
         assert len(b) * lengths[b].max() <= max_tokens or len(b) == 1
+
+
+# rows [7, 8, 9], [5], [1, 2] back to back
+VALUES = np.array([7, 8, 9, 5, 1, 2], dtype=np.int32)
+OFFSETS = np.array([0, 3, 4, 6])
+
+
+def test_pad_flat_hand_example():
+    tokens, lengths = pad_flat(VALUES, OFFSETS, np.array([2, 0]), pad_id=-1)
+    assert tokens.tolist() == [[1, 2, -1], [7, 8, 9]] and lengths.tolist() == [2, 3]
+    tokens, _ = pad_flat(VALUES, OFFSETS, np.array([1]), pad_id=0, multiple=4)  # rounded up to a multiple of 4
+    assert tokens.tolist() == [[5, 0, 0, 0]]
+
+
+def test_select_rows_hand_example():
+    values, offsets = select_rows(VALUES, OFFSETS, np.array([0, 2]))
+    assert values.tolist() == [7, 8, 9, 1, 2] and offsets.tolist() == [0, 3, 5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=20), min_size=1, max_size=40), st.data())
+def test_pad_flat_equals_row_by_row_padding(rows, data):
+    """The vectorised gather gives what padding each row in a loop gives, for any row selection."""
+    from operators.pooling import pad_ids
+
+    values = np.array([t for r in rows for t in r], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    pick = np.array(data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=1, max_size=len(rows))))
+    tokens, lengths = pad_flat(values, offsets, pick, pad_id=0)
+    want_tokens, want_mask = pad_ids([np.array(rows[i]) for i in pick], pad_id=0)
+    assert np.array_equal(tokens, want_tokens) and lengths.tolist() == want_mask.sum(1).tolist()
+    sub_values, sub_offsets = select_rows(values, offsets, pick)
+    assert [sub_values[a:b].tolist() for a, b in zip(sub_offsets[:-1], sub_offsets[1:])] == [rows[i] for i in pick]

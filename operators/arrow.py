@@ -1,0 +1,40 @@
+"""Arrow column helpers for the columns the embedding path hands between stages: token ids as ``list<int32>`` and
+vectors as ``fixed_size_list<float>``. Both are one flat buffer plus (for lists) offsets, so Ray stores and ships
+them without a Python object per row, and every Parquet reader understands them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def token_lists(ids: list[list[int]]) -> pa.ListArray:
+    """Per-row token ids -> one ``list<int32>`` array: a flat int32 buffer and int32 offsets."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def flat_ids(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A ``list<int32>`` column -> (values [T] int32, offsets [N + 1] int64 from 0), zero-copy where Arrow allows.
+    A sliced array (what a batch of a larger block is) keeps its parent's buffers: offsets are rebased here."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = np.asarray(column.offsets, dtype=np.int64)
+    start, end = int(offsets[0]), int(offsets[-1])
+    values = np.asarray(column.values.slice(start, end - start), dtype=np.int32)
+    return values, offsets - start
+
+
+def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    """[N, D] numpy -> fixed_size_list<D> Arrow array (zero copy of the flat buffer)."""
+    values = np.ascontiguousarray(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def vectors(table: pa.Table, column: str) -> np.ndarray:
+    """A ``fixed_size_list`` vector column -> [N, D] numpy."""
+    col = table.column(column).combine_chunks()
+    return np.asarray(col.flatten()).reshape(-1, col.type.list_size)
