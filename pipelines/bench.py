@@ -1,11 +1,20 @@
-"""``kalm bench``: kalm embed against sentence-transformers and a raw in-process forward, same model and texts.
+"""``kalm bench``: one run on the current machine measures the hardware limit, the model, the pipeline and the
+reference, on the same texts and model, and prints a table plus JSON.
 
-All figures come from one run on the current machine:
-- ``sentence_transformers``: ``SentenceTransformer.encode`` (batch size ``--batch-size``), model load excluded;
-- ``raw_forward``: this project's Tokenizer + Embedder called in-process, no Ray (the ceiling for the pipeline);
+Parts (``--parts``, all by default):
+- ``peak``: the machine's matmul peak in the compute dtype and torch threads the model uses (the MFU denominator);
+- ``forward``: this project's Embedder called in-process, no Ray, on texts tokenised beforehand (the model alone:
+  tokens/s, rows/s, model FLOP/s and MFU); tokenisation is timed apart;
+- ``st``: sentence-transformers ``encode`` on the same texts, model, batch size, device and dtype;
 - ``pipeline``: ``kalm embed`` end to end on Ray. Ray start-up is timed separately. Steady state is the marginal
   rate between a run on the texts x1 and a run on the texts x(1 + repeat): (extra rows) / (extra seconds), which
-  cancels the fixed costs (actor start, model load, first-block latency) that a long job amortises.
+  cancels the fixed costs (actor start, model load, first-block latency) that a long job amortises;
+- ``score``: ``kalm score`` (teacher soft labels) on the bundled training rows against sentence-transformers on the
+  same pairs (``bench_score``);
+- ``mine``: ``kalm mine`` on the bundled queries and corpus: queries/s of search + teacher-free selection, and end
+  to end.
+``--memory 100000,1000000`` instead measures the peak memory of ``kalm embed`` runs of those sizes
+(``bench_memory``); ``--mine`` the large comparison with ``mine_hard_negatives`` (``pipelines.bench_mine``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import defaults
+from pipelines.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -43,42 +53,137 @@ def _write_copies(texts: list[str], copies: int, folder: Path, files: int = 4) -
     return str(folder)
 
 
-def bench_sentence_transformers(model: str, texts: list[str], batch_size: int) -> dict:
+def job_settings(ns) -> dict:
+    """The ``kalm embed`` settings every part runs with (model, device, precision, batching)."""
+    out = {"model": ns.model or defaults.default_student(), "compute_dtype": ns.compute_dtype,
+           "bidirectional": ns.bidirectional, "compile": ns.compile}  # fmt: skip
+    if ns.device == "cuda":
+        out.update(device="cuda", num_gpus=1.0)
+    elif ns.device == "cpu":
+        out.update(device="cpu", num_gpus=0.0)
+    if ns.max_tokens:
+        out["max_tokens"] = ns.max_tokens
+    return out
+
+
+def _gpus(settings: dict) -> int:
+    return 1 if settings.get("device") == "cuda" else 0
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype, n: int | None = None, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul in ``dtype`` with the torch threads in use (the MFU denominator). Random
+    inputs (zeros run faster than real data on some hardware); the best of three timings of ``reps`` products."""
+    import torch
+
+    n = n or (8192 if device == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best
+
+
+def model_flops(model, lengths: np.ndarray) -> float:
+    """Forward FLOPs over real (unpadded) tokens: 2 x non-embedding parameters per token, plus attention's QK^T and
+    AV (4 x layers x hidden x length^2 per row). Padding is not counted: MFU charges it to the pipeline."""
+    cfg = getattr(model.config, "text_config", model.config)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return 2.0 * params * lengths.sum() + 4.0 * cfg.num_hidden_layers * cfg.hidden_size * (lengths**2).sum()
+
+
+def bench_peak(settings: dict) -> dict:
+    import torch
+
+    from operators.model import resolve_compute_dtype
+
+    device = settings.get("device", "cpu")
+    dtype = resolve_compute_dtype(settings["compute_dtype"], device)
+    if device == "cpu":
+        from operators.model import cpu_threads
+
+        torch.set_num_threads(cpu_threads(None, 1))  # what a CPU replica uses
+    flops = matmul_peak(device, dtype)
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "tflops": round(flops / 1e12, 4)}  # fmt: skip
+
+
+def bench_sentence_transformers(model: str, texts: list[str], batch_size: int, settings: dict) -> dict:
+    import torch
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(model, device="cpu")
+    from operators.model import resolve_compute_dtype
+
+    device = settings.get("device", "cpu")
+    dtype = resolve_compute_dtype(settings["compute_dtype"], device)
+    st = SentenceTransformer(model, device=device, model_kwargs={"dtype": dtype})
+    if settings.get("bidirectional"):
+        from operators.model import make_bidirectional
+
+        make_bidirectional(st[0].auto_model)
     st.encode(texts[:64], batch_size=batch_size)  # warm-up
+    _sync(device)
     t0 = time.perf_counter()
     st.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    _sync(device)
     dt = time.perf_counter() - t0
-    return {"rows": len(texts), "seconds": round(dt, 3), "rows_per_s": round(len(texts) / dt, 2)}
+    return {"rows": len(texts), "seconds": round(dt, 3), "rows_per_s": round(len(texts) / dt, 2),
+            "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
-def bench_raw_forward(model: str, texts: list[str]) -> dict:
+def bench_raw_forward(texts: list[str], settings: dict, peak: float | None) -> dict:
+    """The Embedder alone, in-process, configured exactly as the pipeline configures it (max length, pooling, token
+    budget, batch size, device, dtype), on texts tokenised beforehand by the pipeline's Tokenizer."""
     from operators.embed import Embedder
     from operators.tokenize import Tokenizer
     from operators.validate import validate_rows
     from pipelines.embed import EmbedJobConfig, plan
 
-    # The operators exactly as the pipeline configures them on CPU (max length, pooling, token budget, batch size).
-    p = plan(EmbedJobConfig(model=model), gpus_in_cluster=0)
+    p = plan(EmbedJobConfig(**settings), gpus_in_cluster=_gpus(settings))
     tok, emb = Tokenizer(p.tokenize), Embedder(p.embed)
-    batch = {"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
-
-    def run_batch(rows: slice) -> int:
-        b = tok(validate_rows({k: v[rows] for k, v in batch.items()}, cfg=p.validate, registry=None))
-        emb(b)
-        return int(b["num_tokens"].sum())
-
-    run_batch(slice(0, 64))  # warm-up
+    batch = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=p.validate,
+                          registry=None)  # fmt: skip
+    tok(validate_rows({k: v[:64] for k, v in batch.items()}, cfg=p.validate, registry=None))  # warm-up
     t0 = time.perf_counter()
-    tokens = sum(run_batch(slice(s, s + p.embed.batch_size)) for s in range(0, len(texts), p.embed.batch_size))
+    table = tok(batch)
+    tok_s = time.perf_counter() - t0
+    step = p.embed.batch_size
+    emb(table.slice(0, min(len(texts), 256)))  # warm-up (and torch.compile's first graph)
+    _sync(emb.device)
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), step):
+        emb(table.slice(s, step))
+    _sync(emb.device)
     dt = time.perf_counter() - t0
-    return {"rows": len(texts), "seconds": round(dt, 3), "rows_per_s": round(len(texts) / dt, 2),
-            "tokens_per_s": round(tokens / dt, 1)}  # fmt: skip
+    lengths = np.asarray(table.column("num_tokens"))
+    flops = model_flops(emb.model, lengths)
+    out = {"rows": len(texts), "tokens": int(lengths.sum()), "seconds": round(dt, 3),
+           "rows_per_s": round(len(texts) / dt, 2), "tokens_per_s": round(lengths.sum() / dt, 1),
+           "model_tflops": round(flops / dt / 1e12, 4), "flops_per_row": flops / len(texts),
+           "max_tokens": p.embed.max_tokens, "max_rows": p.embed.max_rows, "batch_size": step,
+           "device": emb.device, "threads": emb.threads,
+           "tokenizer_rows_per_s": round(len(texts) / tok_s, 1)}  # fmt: skip
+    if peak:
+        out["mfu"] = round(flops / dt / peak, 4)
+    return out
 
 
-def bench_pipeline(model: str, texts: list[str], repeat: int, workdir: Path) -> dict:
+def bench_pipeline(texts: list[str], repeat: int, workdir: Path, settings: dict) -> dict:
     from pipelines.embed import EmbedJobConfig, run
     from pipelines.runtime import ray_session
 
@@ -87,7 +192,8 @@ def bench_pipeline(model: str, texts: list[str], repeat: int, workdir: Path) -> 
     runs = {}
     with ray_session() as ray_start:  # the local Ray a `kalm embed` run starts, shared by both runs
         for name, src in (("small", small), ("large", large)):
-            m = run(EmbedJobConfig(input=src, output=str(workdir / f"out-{name}"), model=model, overwrite=True))
+            job = EmbedJobConfig(input=src, output=str(workdir / f"out-{name}"), overwrite=True, **settings)
+            m = run(job)
             runs[name] = {"rows": m["counts"]["rows_out"], "seconds": m["timings_s"]["pipeline"]}
     extra_rows = runs["large"]["rows"] - runs["small"]["rows"]
     extra_s = runs["large"]["seconds"] - runs["small"]["seconds"]
@@ -97,6 +203,29 @@ def bench_pipeline(model: str, texts: list[str], repeat: int, workdir: Path) -> 
         "end_to_end_rows_per_s": round(runs["large"]["rows"] / runs["large"]["seconds"], 2),
         "steady_rows_per_s": round(extra_rows / extra_s, 2) if extra_s > 0 else None,
     }
+
+
+def bench_mine_sample(settings: dict, workdir: Path) -> dict:
+    """``kalm mine`` on the bundled queries and corpus with the student (exact search, the default rules)."""
+    from pipelines.mine import MineJobConfig
+    from pipelines.mine import run as run_mine
+    from pipelines.runtime import ray_session
+
+    with ray_session():
+        t0 = time.perf_counter()
+        m = run_mine(MineJobConfig(output=str(workdir / "mine"), overwrite=True, index_type="flat",
+                                   **{k: v for k, v in settings.items() if k in MINE_KEYS}))  # fmt: skip
+        total = time.perf_counter() - t0
+    stages = {x["stage"]: x for x in m["stages"]}
+    search = next(x for name, x in stages.items() if name.startswith("search"))
+    queries = search["rows_in"]
+    return {"queries": queries, "search_select_s": search["seconds"],
+            "search_select_queries_per_s": round(queries / search["seconds"], 2) if search["seconds"] else None,
+            "end_to_end_s": round(total, 2), "end_to_end_queries_per_s": round(queries / total, 2),
+            "stages_s": {name: x["seconds"] for name, x in stages.items()}}  # fmt: skip
+
+
+MINE_KEYS = ("model", "num_gpus")
 
 
 def cross_encoder_from(bi_encoder: str) -> str:
@@ -122,18 +251,20 @@ def _marked(row: dict, copy: int) -> dict:
 
 
 def bench_score(ns) -> dict:
-    """kalm score vs sentence-transformers on the same pairs: CrossEncoder.predict, or encode + cosine."""
+    """kalm score vs sentence-transformers on the same pairs: CrossEncoder.predict, or encode + cosine. The teacher
+    is ``--teacher`` (default: the bundled all-mpnet-base-v2), the rows the first ``--score-rows`` of
+    ``--score-input`` (default: the bundled training rows)."""
     import torch
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from pipelines.runtime import ray_session
     from pipelines.score import ScoreJobConfig, run
 
-    kind = ns.score
-    teacher = ns.model or defaults.default_teacher()
+    kind = ns.score or "bi-encoder"
+    teacher = ns.teacher or defaults.default_teacher()
     if kind == "cross-encoder":
         teacher = cross_encoder_from(teacher)
-    lines = Path(ns.input or defaults.sample_pairs()).read_text().splitlines()[: ns.score_rows]
+    lines = Path(ns.score_input or defaults.sample_pairs()).read_text().splitlines()[: ns.score_rows]
     rows = [json.loads(x) for x in lines]
     pairs = [(r["query"], d) for r in rows for d in r["pos"] + r["neg"]]
     result = {"teacher": teacher, "kind": kind, "rows": len(rows), "pairs": len(pairs),
@@ -172,40 +303,178 @@ def bench_score(ns) -> dict:
     result["ratio_pipeline_steady_over_sentence_transformers"] = (
         round(steady / result["sentence_transformers"]["pairs_per_s"], 3) if steady else None
     )
-    print(json.dumps(result, indent=2))
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(result, indent=2))
     return result
+
+
+PARTS = ("peak", "forward", "st", "pipeline", "score", "mine")
+
+
+def _row(name: str, value, unit: str, note: str = "") -> tuple[str, str, str]:
+    return name, "-" if value is None else f"{value:,.2f}" if isinstance(value, float) else f"{value:,}", unit + note
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def table(result: dict) -> list[tuple[str, str, str]]:
+    """The printed summary: one line per measure, from the JSON result."""
+    rows = []
+    peak, fwd, st, pipe = (result.get(k) for k in ("peak", "raw_forward", "sentence_transformers", "pipeline"))
+    if peak:
+        rows.append(_row(f"matmul peak ({peak['device']}, {peak['dtype']}, {peak['threads']} threads)",
+                         peak["tflops"], "TFLOP/s"))  # fmt: skip
+    if fwd:
+        rows.append(_row("raw forward, in-process", fwd["rows_per_s"], "rows/s",
+                         f" ({fwd['tokens_per_s']:,.0f} tokens/s, {fwd['model_tflops']} TFLOP/s, MFU "
+                         f"{fwd.get('mfu', '-')})"))  # fmt: skip
+        rows.append(_row("tokenizer, one process", fwd["tokenizer_rows_per_s"], "rows/s"))
+    if st:
+        rows.append(_row(f"sentence-transformers encode ({st['dtype']})", st["rows_per_s"], "rows/s"))
+    if pipe:
+        rows.append(_row("kalm embed, steady state", pipe["steady_rows_per_s"], "rows/s",
+                         f" (MFU {pipe.get('mfu', '-')})"))  # fmt: skip
+        rows.append(_row(f"kalm embed, end to end ({pipe['runs']['large']['rows']:,} rows)",
+                         pipe["end_to_end_rows_per_s"], "rows/s"))  # fmt: skip
+        rows.append(_row("Ray start-up", pipe["ray_start_s"], "s"))
+    sc = result.get("score")
+    if sc:
+        rows.append(_row(f"sentence-transformers {sc['kind']} pairs", sc["sentence_transformers"]["pairs_per_s"],
+                         "pairs/s"))  # fmt: skip
+        rows.append(_row(f"kalm score {sc['kind']}, steady state", sc["pipeline"]["steady_pairs_per_s"], "pairs/s"))
+    mi = result.get("mine")
+    if mi:
+        rows.append(_row(f"kalm mine search + select ({mi['queries']} queries)", mi["search_select_queries_per_s"],
+                         "queries/s"))  # fmt: skip
+        rows.append(_row("kalm mine end to end (embedding included)", mi["end_to_end_queries_per_s"], "queries/s"))
+    for name, v in result.get("ratios", {}).items():
+        rows.append(_row(name.replace("_", " "), v, "x"))
+    return rows
 
 
 def main(ns) -> dict:
-    if getattr(ns, "score", None):
-        return bench_score(ns)
-    model = ns.model or defaults.default_student()
-    texts = _texts(ns.input)
+    if getattr(ns, "memory", None):
+        return bench_memory(ns)
+    parts = [p.strip() for p in (ns.parts or ",".join(PARTS)).split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"--parts must name some of {list(PARTS)}, got {unknown}")
     import torch
 
-    result = {"model": model, "texts": len(texts), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    result["sentence_transformers"] = bench_sentence_transformers(model, texts, ns.batch_size)
-    result["raw_forward"] = bench_raw_forward(model, texts)
+    settings = job_settings(ns)
+    texts = _texts(ns.input)
+    result = {"model": settings["model"], "texts": len(texts), "settings": settings, "cpus": os.cpu_count(),
+              "torch": torch.__version__}  # fmt: skip
+    if "peak" in parts:
+        result["peak"] = bench_peak(settings)
+        print("peak", result["peak"], flush=True)
+    peak = result["peak"]["tflops"] * 1e12 if "peak" in result else None
+    if "forward" in parts:
+        result["raw_forward"] = bench_raw_forward(texts, settings, peak)
+        print("raw forward", result["raw_forward"], flush=True)
+    if "st" in parts:
+        result["sentence_transformers"] = bench_sentence_transformers(settings["model"], texts, ns.batch_size,
+                                                                      settings)  # fmt: skip
+        print("sentence-transformers", result["sentence_transformers"], flush=True)
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as tmp:
-        result["pipeline"] = bench_pipeline(model, texts, ns.repeat, Path(tmp))
-    steady = result["pipeline"]["steady_rows_per_s"]
-    result["ratios"] = {
-        "pipeline_steady_over_sentence_transformers": round(steady / result["sentence_transformers"]["rows_per_s"], 3),
-        "pipeline_steady_over_raw_forward": round(steady / result["raw_forward"]["rows_per_s"], 3),
-    }
-    rows = [
-        ("sentence-transformers encode", result["sentence_transformers"]["rows_per_s"]),
-        ("raw forward (in-process)", result["raw_forward"]["rows_per_s"]),
-        ("kalm embed, steady state", steady),
-        ("kalm embed, end to end", result["pipeline"]["end_to_end_rows_per_s"]),
-    ]
-    print(f"{'measure':34s} {'rows/s':>10s}")
-    for name, v in rows:
-        print(f"{name:34s} {v:>10}")
-    print(f"Ray start-up: {result['pipeline']['ray_start_s']} s; ratios: {result['ratios']}")
+        if "pipeline" in parts:
+            result["pipeline"] = pipe = bench_pipeline(texts, ns.repeat, Path(tmp), settings)
+            fwd = result.get("raw_forward")
+            if fwd and peak and pipe["steady_rows_per_s"]:
+                pipe["mfu"] = round(pipe["steady_rows_per_s"] * fwd["flops_per_row"] / peak, 4)
+        if "score" in parts:
+            result["score"] = bench_score(ns)
+        if "mine" in parts:
+            result["mine"] = bench_mine_sample(settings, Path(tmp))
+    steady = result.get("pipeline", {}).get("steady_rows_per_s")
+    result["ratios"] = {k: v for k, v in {
+        "pipeline_steady_over_raw_forward": ratio(steady, result.get("raw_forward", {}).get("rows_per_s")),
+        "pipeline_steady_over_sentence_transformers": ratio(steady, result.get("sentence_transformers", {})
+                                                            .get("rows_per_s")),
+        "raw_forward_over_sentence_transformers": ratio(result.get("raw_forward", {}).get("rows_per_s"),
+                                                        result.get("sentence_transformers", {}).get("rows_per_s")),
+        "score_steady_over_sentence_transformers": result.get("score", {}).get(
+            "ratio_pipeline_steady_over_sentence_transformers"),
+    }.items() if v is not None}  # fmt: skip
     print(json.dumps(result, indent=2))
+    print()
+    for name, value, unit in table(result):
+        print(f"{name:58s} {value:>12s} {unit}")
     if ns.json:
         Path(ns.json).write_text(json.dumps(result, indent=2))
     return result
+
+
+def tiny_model(folder: Path) -> str:
+    """A randomly initialised 2-layer, 32-wide BERT with the bundled student's tokenizer, saved once: the model
+    costs next to nothing, so a run's memory is the pipeline's own."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    if not (folder / "model.safetensors").is_file():
+        src = Path(defaults.default_student())
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and ("token" in f.name or f.name == "vocab.txt"):
+                shutil.copy(f, folder / f.name)
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=512)  # fmt: skip
+        BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def _memory_input(texts: list[str], rows: int, folder: Path, rows_per_file: int = 100_000) -> str:
+    """``rows`` rows of the bundled texts (cycled, each id distinct) in files of ``rows_per_file``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, start in enumerate(range(0, rows, rows_per_file)):
+        idx = np.arange(start, min(rows, start + rows_per_file))
+        pq.write_table(pa.table({"id": [f"r{i}" for i in idx], "text": [texts[i % len(texts)] for i in idx]}),
+                       folder / f"part-{k:05d}.parquet")  # fmt: skip
+    return str(folder)
+
+
+def bench_memory(ns) -> dict:
+    """Peak memory of ``kalm embed`` (the driver and every Ray process it starts, summed PSS sampled every second)
+    on inputs of each size in ``--memory``, with a tiny model: streaming means the peak does not grow with rows."""
+    import sys
+
+    from pipelines.bench_mine import measure
+
+    sizes = [int(x) for x in str(ns.memory).split(",")]
+    texts = _texts(ns.input)
+    model = ns.model or tiny_model(defaults.cache_dir() / "models" / "bench-tiny-bert")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-memory-") as tmp:
+        for rows in sizes:
+            src = _memory_input(texts, rows, Path(tmp) / f"in-{rows}")
+            out = Path(tmp) / f"out-{rows}"
+            m = measure([sys.executable, "-m", "pipelines.embed", "--input", src, "--output", str(out), "--model",
+                         model, "--max-length", "128", "--overwrite"])  # fmt: skip
+            manifest = json.loads((out / "_manifest.json").read_text())
+            r = {"rows": rows, "rows_out": manifest["counts"]["rows_out"], "seconds": m["seconds"],
+                 "pipeline_s": manifest["timings_s"]["pipeline"], "peak_pss_tree_mb": m["peak_pss_tree_mb"],
+                 "peak_rss_driver_mb": m["peak_rss_main_mb"]}  # fmt: skip
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            shutil_rm(src, out)
+    out = {"model": model, "results": results,
+           "peak_ratio_largest_over_smallest": round(results[-1]["peak_pss_tree_mb"] / results[0]["peak_pss_tree_mb"],
+                                                     3)}  # fmt: skip
+    print(f"\n{'rows':>10} {'rows out':>10} {'seconds':>8} {'peak PSS, tree MB':>18} {'driver RSS MB':>14}")
+    for r in results:
+        print(f"{r['rows']:>10,} {r['rows_out']:>10,} {r['seconds']:>8} {r['peak_pss_tree_mb']:>18,} "
+              f"{r['peak_rss_driver_mb']:>14,}")  # fmt: skip
+    print(f"peak ratio, largest / smallest: {out['peak_ratio_largest_over_smallest']}")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def shutil_rm(*paths) -> None:
+    import shutil
+
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)

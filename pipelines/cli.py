@@ -216,15 +216,28 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("job_id")
     jb.add_argument("--address", help="as for kalm submit")
     jb.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
-    b = sub.add_parser("bench", help="measure kalm embed against sentence-transformers on the same texts")
-    b.add_argument("--input", help="texts to embed, or JSONL training rows with --score (default: the bundled sample)")
-    b.add_argument("--model", help="model folder (default: the bundled all-MiniLM-L6-v2, or all-mpnet-base-v2)")
+    b = sub.add_parser("bench", help="measure the matmul peak, the model, kalm embed/score/mine and "
+                       "sentence-transformers on the same texts, in one run")  # fmt: skip
+    b.add_argument("--parts", help="comma-separated subset of peak,forward,st,pipeline,score,mine (default: all)")
+    b.add_argument("--input", help="texts to embed (default: the bundled corpus)")
+    b.add_argument("--model", help="student model folder (default: the bundled all-MiniLM-L6-v2)")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
+    b.add_argument("--compute-dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+                   "float16")  # fmt: skip
+    b.add_argument("--bidirectional", action="store_true", help="decoder LM without its causal mask")
+    b.add_argument("--compile", action="store_true", help="torch.compile the model")
+    b.add_argument("--max-tokens", type=int, help="padded tokens per forward pass (default: the pipeline's)")
     b.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     b.add_argument("--repeat", type=int, default=2, help="extra copies of the texts in the large pipeline run")
     b.add_argument("--json", help="also write the results to this JSON file")
-    b.add_argument("--score", choices=["bi-encoder", "cross-encoder"], help="measure kalm score instead of embed")
-    b.add_argument("--score-rows", type=int, default=100, help="training rows of the sample to score")
-    b.add_argument("--mine", action="store_true", help="measure kalm mine against mine_hard_negatives instead")
+    b.add_argument("--score", choices=["bi-encoder", "cross-encoder"], help="teacher kind of the score part "
+                   "(default: bi-encoder)")  # fmt: skip
+    b.add_argument("--teacher", help="teacher model folder (default: the bundled all-mpnet-base-v2)")
+    b.add_argument("--score-input", help="JSONL training rows to score (default: the bundled sample)")
+    b.add_argument("--score-rows", type=int, default=40, help="training rows of the sample to score")
+    b.add_argument("--memory", help="instead: peak memory of kalm embed runs of these row counts, e.g. "
+                   "100000,1000000 (a tiny random model)")  # fmt: skip
+    b.add_argument("--mine", action="store_true", help="instead: kalm mine against mine_hard_negatives at scale")
     b.add_argument("--mine-passages", default="100000", help="corpus sizes, comma-separated, e.g. 25000,100000")
     b.add_argument("--mine-queries", type=int, default=10000, help="queries per mining run")
     b.add_argument("--mine-max-length", type=int, default=128, help="token limit for both tools")

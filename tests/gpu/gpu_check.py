@@ -21,15 +21,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from operators.arrow import vectors  # noqa: E402
 from operators.embed import EmbedConfig, Embedder  # noqa: E402
 from operators.model import inspect_model  # noqa: E402
 from operators.tokenize import TokenizeConfig, Tokenizer  # noqa: E402
 from operators.validate import ValidateConfig, validate_rows  # noqa: E402
+from pipelines.bench import bench_sentence_transformers, matmul_peak, model_flops  # noqa: E402  (the same definitions kalm bench uses)
 
 CORPUS = Path(__file__).resolve().parents[2] / "pipelines" / "data" / "corpus.parquet"
 
@@ -39,46 +42,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str, n: int) -> float:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def model_flops(model, lengths: np.ndarray) -> float:
-    """Forward FLOPs for real (unpadded) tokens: 2 x non-embedding params per token + attention (QK^T and AV)."""
-    cfg = model.config
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    return 2.0 * params * lengths.sum() + 4.0 * layers * hidden * (lengths.astype(np.float64) ** 2).sum()
-
-
-def run_embedder(emb: Embedder, batch: dict, device: str) -> float:
+def run_embedder(emb: Embedder, batch, device: str) -> float:
+    """batch: an Arrow table from the Tokenizer (or built like one)."""
     sync(device)
     t0 = time.perf_counter()
-    for s in range(0, len(batch["_reject"]), emb.cfg.batch_size):
-        emb({k: v[s : s + emb.cfg.batch_size] for k, v in batch.items()})
+    for s in range(0, batch.num_rows, emb.cfg.batch_size):
+        emb(batch.slice(s, emb.cfg.batch_size))
     sync(device)
     return time.perf_counter() - t0
 
 
 def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: float, **cfg) -> list[dict]:
     """Embedder throughput over token budgets: rows/s, tokens/s (real tokens), model TFLOP/s and MFU."""
-    lengths = batch["num_tokens"].astype(np.int64)
+    lengths = np.asarray(batch.column("num_tokens")).astype(np.int64)
     results = []
     for mt in budgets:
         emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, max_tokens=mt,
                                    max_rows=2048, batch_size=8192, **cfg))  # fmt: skip
-        run_embedder(emb, {k: v[:1024] for k, v in batch.items()}, dev)  # warm-up
+        run_embedder(emb, batch.slice(0, 1024), dev)  # warm-up
         dt = run_embedder(emb, batch, dev)
         fl = model_flops(emb.model, lengths)
         r = {"max_tokens": mt, "rows_per_s": round(len(lengths) / dt, 1), "tokens_per_s": round(lengths.sum() / dt),
@@ -115,7 +96,7 @@ def main():
     if dev == "cuda":
         res["gpu"] = torch.cuda.get_device_name(0)
     texts = [t for t in pq.read_table(CORPUS).column("text").to_pylist()]
-    peak = matmul_peak(dev, 1024 if args.quick else 8192)
+    peak = matmul_peak(dev, torch.bfloat16 if dev == "cuda" else torch.float32, 1024 if args.quick else 8192)
     res["matmul_peak_tflops"] = round(peak / 1e12, 1)
     print("peak", res["matmul_peak_tflops"], flush=True)
 
@@ -129,7 +110,7 @@ def main():
     b, _ = tokenized(info, sample, 256)
     for cdt in ("float32", "bfloat16", "float16"):
         emb = Embedder(EmbedConfig(model=info, device=dev, num_gpus=1 if dev == "cuda" else 0, compute_dtype=cdt))
-        got = emb(dict(b))["embedding"]
+        got = vectors(emb(b), "embedding")
         cos = (got * ref).sum(1)
         res[f"minilm_{cdt}_cos_vs_st"] = {"min": float(cos.min()), "mean": float(cos.mean())}
         print(cdt, res[f"minilm_{cdt}_cos_vs_st"], flush=True)
@@ -140,9 +121,13 @@ def main():
     all_texts = texts * reps
     b, tok_s = tokenized(info, all_texts, 256)
     res["tokenizer_rows_per_s_one_process"] = round(len(all_texts) / tok_s, 1)
-    lengths = b["num_tokens"].astype(np.int64)
+    lengths = np.asarray(b.column("num_tokens")).astype(np.int64)
     budgets = [16384] if args.quick else [8192, 16384, 32768, 65536]
     res["minilm_bf16"] = sweep("minilm", info, b, budgets, dev, peak)
+    # sentence-transformers encode, same texts, model, device and dtype (the reference kalm bench uses)
+    st_settings = {"device": dev, "compute_dtype": "bfloat16" if dev == "cuda" else "float32"}
+    res["minilm_st_encode_bf16"] = bench_sentence_transformers(args.minilm, all_texts, 256, st_settings)
+    print("st encode", res["minilm_st_encode_bf16"], flush=True)
 
     # 3b. Qwen2-0.5B-shaped random model, bidirectional, bf16
     from transformers import Qwen2Config, Qwen2Model
@@ -163,9 +148,10 @@ def main():
     ids = np.empty(len(qlen), dtype=object)
     for i, n in enumerate(qlen):
         ids[i] = rng.integers(0, vocab, size=int(n), dtype=np.int32)
-    qb = {"input_ids": ids, "num_tokens": qlen.astype(np.int32), "_reject": np.full(len(qlen), "", dtype=object)}
+    qb = pa.table({"input_ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32())),
+                   "num_tokens": qlen.astype(np.int32), "_reject": [""] * len(qlen)})  # fmt: skip
     if not args.quick:
-        qb = {k: v[: 3 * len(texts)] for k, v in qb.items()}
+        qb = qb.slice(0, 3 * len(texts))
     res["qwen2_05b_bf16_bidirectional"] = sweep("qwen2-0.5b", qinfo, qb, budgets, dev, peak, bidirectional=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
