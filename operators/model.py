@@ -247,11 +247,27 @@ def select_device(device: str, num_gpus: float) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and num_gpus > 0 and torch.cuda.is_available()) else "cpu"
 
 
-def cpu_threads(torch_threads: int | None, replicas: int) -> int:
-    """Torch threads of a CPU replica: the node's cores split between the replicas that share it."""
+def node_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a Kubernetes pod's CPU
+    limit). ``os.cpu_count()`` reports the host's cores, so a pod limited to 8 CPUs on a 96-core host would run 96
+    torch threads and spend its time switching between them."""
     import os
 
-    return torch_threads or max(1, (os.cpu_count() or 1) // replicas)
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open(cgroup_cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def cpu_threads(torch_threads: int | None, replicas: int) -> int:
+    """Torch threads of a CPU replica: the node's usable cores (``node_cpus``) split between the replicas that
+    share it."""
+    return torch_threads or max(1, node_cpus() // replicas)
 
 
 def to_device(device: str, *arrays: np.ndarray):

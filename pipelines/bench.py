@@ -456,7 +456,8 @@ def bench_memory(ns) -> dict:
             manifest = json.loads((out / "_manifest.json").read_text())
             r = {"rows": rows, "rows_out": manifest["counts"]["rows_out"], "seconds": m["seconds"],
                  "pipeline_s": manifest["timings_s"]["pipeline"], "peak_pss_tree_mb": m["peak_pss_tree_mb"],
-                 "peak_rss_driver_mb": m["peak_rss_main_mb"]}  # fmt: skip
+                 "peak_rss_driver_mb": m["peak_rss_main_mb"],
+                 "peak_pss_by_process_mb": m["peak_pss_by_process_mb"]}  # fmt: skip
             results.append(r)
             print(json.dumps(r), flush=True)
             shutil_rm(src, out)

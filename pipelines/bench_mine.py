@@ -86,20 +86,38 @@ def _pss(pid: int) -> int:
     return 0
 
 
+def _name(p) -> str:
+    """A process's role: Ray's title for its workers (``ray::MapWorker(MapBatches(Embedder))``), else its program."""
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - gone between listing and reading
+        return "?"
+    if not cmd:
+        return "?"
+    return cmd[0] if cmd[0].startswith("ray::") else " ".join(Path(c).name for c in cmd[:2])[:60]
+
+
 def measure(cmd: list[str]) -> dict:
-    """Run ``cmd``; wall time and the peak of the summed PSS of its process tree (and the top process's RSS)."""
+    """Run ``cmd``; wall time, the peak of the summed PSS of its process tree (with the tree's share by process role
+    at that moment) and the top process's RSS."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0, 0]  # tree PSS, top process RSS
+    peak = [0, 0, {}]  # tree PSS, top process RSS, PSS by role at the tree's peak
 
     def sample():
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                pids = [proc.pid, *(p.pid for p in root.children(recursive=True))]
-                peak[0] = max(peak[0], sum(_pss(p) for p in pids))
+                procs = [root, *root.children(recursive=True)]
+                pss = [(_name(p), _pss(p.pid)) for p in procs]
+                total = sum(v for _, v in pss)
+                if total > peak[0]:
+                    roles: dict[str, int] = {}
+                    for name, v in pss:
+                        roles[name] = roles.get(name, 0) + v
+                    peak[0], peak[2] = total, roles
                 peak[1] = max(peak[1], root.memory_info().rss)
             except psutil.Error:
                 pass
@@ -111,8 +129,10 @@ def measure(cmd: list[str]) -> dict:
     th.join()
     if proc.returncode:
         raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
+    by_role = {k: round(v / 2**20) for k, v in sorted(peak[2].items(), key=lambda kv: -kv[1])[:10]}
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_pss_tree_mb": round(peak[0] / 2**20),
-            "peak_rss_main_mb": round(peak[1] / 2**20), "stdout_tail": out[-400:]}  # fmt: skip
+            "peak_rss_main_mb": round(peak[1] / 2**20), "peak_pss_by_process_mb": by_role,
+            "stdout_tail": out[-400:]}  # fmt: skip
 
 
 def agreement(data: Path, kalm_out: Path, st_out: Path) -> dict:

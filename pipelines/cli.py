@@ -41,6 +41,9 @@ EMBED_HELP = {
     "dtype": "stored vector dtype: float32 or float16",
     "compute_dtype": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
     "bidirectional": "run a decoder LM without its causal mask (KaLM-Embedding V2)",
+    "attn_implementation": "auto (flash_attention_2 on GPU where flash-attn is installed, else sdpa), sdpa, "
+    "flash_attention_2 or eager",
+    "compile": "torch.compile the model (dynamic shapes; minutes of compiling, then fused kernels)",
     "num_gpus": "GPUs per model replica, fractional allowed (default: 1 if the cluster has GPUs)",
     "replicas": "model replicas, or auto: the cluster's GPUs / num_gpus, 1 on CPU (default: auto)",
     "max_tokens": "padded-token budget per forward pass",

@@ -202,11 +202,18 @@ def forward_limits(num_gpus: float, max_tokens: int | None, max_rows: int | None
             "max_rows": max_rows or (2048 if num_gpus > 0 else 64)}  # fmt: skip
 
 
+# A write task holds its file's rows (in the object store) until the file is written, so this also bounds what a
+# write buffers: small vectors would otherwise make 700k-row files (32-d) and buffers that grow with the corpus
+# up to that size.
+MAX_ROWS_PER_FILE = 100_000
+
+
 def rows_per_file(embed: EmbedConfig) -> int:
-    """Rows that make ~TARGET_FILE_BYTES of vectors (before compression, which does little on float vectors)."""
+    """Rows that make ~TARGET_FILE_BYTES of vectors (before compression, which does little on float vectors), and at
+    most MAX_ROWS_PER_FILE."""
     width = 2 if embed.output_dtype == "float16" else 4
     row_bytes = width * sum(embed.dims or (embed.model.hidden_size,)) + 64  # + id and Parquet overhead
-    return max(1000, TARGET_FILE_BYTES // row_bytes)
+    return max(1000, min(MAX_ROWS_PER_FILE, TARGET_FILE_BYTES // row_bytes))
 
 
 def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:

@@ -93,13 +93,15 @@ def test_plan_takes_sentence_transformers_settings_of_the_default_model(default_
     assert plan(EmbedJobConfig()).tokenize.prompt is None  # documents unprompted
 
 
-def test_rows_per_file_targets_128mb_of_vectors(tiny_bert):
+def test_rows_per_file_targets_128mb_of_vectors_and_at_most_100k_rows(tiny_bert, default_model):
     from pipelines.embed import plan, rows_per_file
 
-    p = plan(EmbedJobConfig(model=tiny_bert, max_length=32))
-    assert rows_per_file(p.embed) == 128 * 2**20 // (4 * 32 + 64)
-    p16 = plan(EmbedJobConfig(model=tiny_bert, max_length=32, dims=(32, 8), dtype="float16"))
-    assert rows_per_file(p16.embed) == 128 * 2**20 // (2 * 40 + 64)
+    p = plan(EmbedJobConfig(model=default_model))  # 384-d float32: 128 MB is 83,886 rows
+    assert rows_per_file(p.embed) == 128 * 2**20 // (4 * 384 + 64)
+    p16 = plan(EmbedJobConfig(model=default_model, dims=(384, 64), dtype="float16"))
+    assert rows_per_file(p16.embed) == 128 * 2**20 // (2 * 448 + 64)
+    # 32-d vectors would make 700k-row files, each buffered whole by its write task: capped
+    assert rows_per_file(plan(EmbedJobConfig(model=tiny_bert, max_length=32)).embed) == 100_000
 
 
 def test_gpus_asked_on_a_cluster_without_gpus_fails_instead_of_hanging(tiny_bert):

@@ -284,3 +284,28 @@ def test_attention_candidates(tiny_bert, monkeypatch):
     assert attention_candidates("auto", "cpu", torch.bfloat16) == ["sdpa", "eager"]
     with pytest.raises(ValueError, match=r"attn_implementation must be one of .*got 'flash'"):
         EmbedConfig(model=inspect_model(tiny_bert), attn_implementation="flash")
+
+
+@pytest.mark.slow  # ~40 s of inductor compiling on 2 cores
+def test_compiled_embedder_equals_eager(tiny_bert):
+    info = inspect_model(tiny_bert)
+    table = Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS * 3))
+    eager = vectors(Embedder(EmbedConfig(model=info))(table), "embedding")
+    compiled = Embedder(EmbedConfig(model=info, compile=True, max_rows=4))  # several batch shapes, one graph
+    np.testing.assert_allclose(vectors(compiled(table), "embedding"), eager, atol=1e-5)
+
+
+def test_node_cpus_honours_a_cgroup_quota(tmp_path):
+    import os
+
+    from operators.model import node_cpus
+
+    cores = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs -> 2 threads
+    assert node_cpus(str(quota)) == min(cores, 2)
+    quota.write_text("50000 100000\n")  # half a CPU -> still one thread
+    assert node_cpus(str(quota)) == 1
+    quota.write_text("max 100000\n")  # no limit: the affinity mask
+    assert node_cpus(str(quota)) == cores
+    assert node_cpus(str(tmp_path / "absent")) == cores
