@@ -356,10 +356,13 @@ def read_input(
     skip: dict[str, list[list[int]]] | None = None,
     ledger_fs: pafs.FileSystem | None = None,
     ledger_root: str | None = None,
+    concurrency: int | None = None,
 ):
     """The Ray Dataset of the input rows not yet committed, with ``_source`` and ``_row``; None if none are left.
 
-    ``columns`` prunes what is read (None: all). ``complete``: sources to leave out entirely.
+    ``columns`` prunes what is read (None: all). ``complete``: sources to leave out entirely. ``concurrency``: read
+    tasks at once (None: as many as Ray's CPUs allow). Each holds a row group of its file in memory, and a task
+    worker keeps that memory after its task, so unbounded reads make a run's memory follow its number of files.
     """
     import ray.data
 
@@ -375,4 +378,5 @@ def read_input(
         ledger_fs=ledger_fs,
         ledger_root=ledger_root,
     )
-    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=min(len(files), MAX_READ_TASKS))
+    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=min(len(files), MAX_READ_TASKS),
+                                    concurrency=concurrency)  # fmt: skip

@@ -234,7 +234,10 @@ def build_dataset(p: EmbedPlan, out: Output):
     job, inp = p.job, p.input
     DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
     columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
-    ds = out.read(inp, columns=columns, num_cpus=job.io_num_cpus, add_ids=job.add_ids, id_column=job.id_column)
+    # Two read tasks per model replica keep its tokenizer fed (one streams thousands of rows/s) while bounding the
+    # memory that reads hold (operators.io.read_input): memory then follows the cluster, not the number of files.
+    ds = out.read(inp, columns=columns, num_cpus=job.io_num_cpus, add_ids=job.add_ids, id_column=job.id_column,
+                  concurrency=2 * p.embed.replicas)  # fmt: skip
     if ds is None:
         return None
     registry = None

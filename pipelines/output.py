@@ -61,14 +61,15 @@ class Output:
             raise RuntimeError(f"output {self.uri} is not exactly-once: " + "; ".join(problems[:5]))
         return end
 
-    def read(self, inp, *, columns: list[str] | None, num_cpus: float, add_ids: bool = False, id_column: str = ""):
+    def read(self, inp, *, columns: list[str] | None, num_cpus: float, add_ids: bool = False, id_column: str = "",
+             concurrency: int | None = None):  # fmt: skip
         """``inp`` as a Ray Dataset of the rows this output has not committed yet (None if none are left), read
         with the ledger: complete files skipped, committed rows dropped, each file's row count recorded."""
         from operators.io import read_input
 
         return read_input(inp, add_ids=add_ids, id_column=id_column, columns=columns, num_cpus=num_cpus,
                           complete=self.state.complete(), skip=self.state.partial(), ledger_fs=self.fs,
-                          ledger_root=self.root)  # fmt: skip
+                          ledger_root=self.root, concurrency=concurrency)  # fmt: skip
 
     def write_manifest(self, manifest: dict) -> None:
         try:
