@@ -76,12 +76,34 @@ def load_file(
     return n
 
 
+# Input bytes per TextStore shard: on-disk text grows ~2-3x in memory as Python strings, so ~2-3 GB per shard.
+BYTES_PER_STORE_SHARD = 2**30
+MAX_STORE_SHARDS = 64
+
+
+def store_shards_for(total_bytes: int | None) -> int:
+    """TextStore shards for a table of ``total_bytes`` (None: unknown, the most). Each shard is an actor, a worker
+    process that costs a second or two to start, so a small table gets one."""
+    if total_bytes is None:
+        return MAX_STORE_SHARDS
+    return max(1, min(MAX_STORE_SHARDS, -(-total_bytes // BYTES_PER_STORE_SHARD)))
+
+
 def build_store(
-    inp: InputFiles, *, id_column: str, text_column: str, shards: int, num_cpus: float, key_of=None, union=False
+    inp: InputFiles,
+    *,
+    id_column: str,
+    text_column: str,
+    shards: int | None,
+    num_cpus: float,
+    key_of=None,
+    union=False,
 ) -> list:
-    """Start ``shards`` TextStore actors and fill them from every file of ``inp`` in parallel."""
+    """Start ``shards`` TextStore actors (None: ``store_shards_for`` the table) and fill them from every file of
+    ``inp`` in parallel."""
     import ray
 
+    shards = shards or store_shards_for(inp.total_bytes)
     stores = [ray.remote(num_cpus=0)(TextStore).remote() for _ in range(shards)]
     return fill_store(stores, inp, id_column=id_column, text_column=text_column, num_cpus=num_cpus, key_of=key_of,
                       union=union)  # fmt: skip

@@ -426,11 +426,10 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-def _memory_input(texts: list[str], rows: int, folder: Path, files: int = 10) -> str:
-    """``rows`` rows of the bundled texts (cycled, each id distinct) in ``files`` files. Every size gets the same
-    number of files, so each run reaches the same read concurrency (``read_input``) and only the rows differ; the
-    larger run's files are larger, which if anything costs it memory."""
-    rows_per_file = -(-rows // files)
+def _memory_input(texts: list[str], rows: int, folder: Path, rows_per_file: int = 10_000) -> str:
+    """``rows`` rows of the bundled texts (cycled, each id distinct) in files of ``rows_per_file``: a larger corpus
+    has more files of the same size, as corpora grow. (A read task holds its file's row group while it streams, so
+    files that grew with the corpus would measure the row-group size, not the corpus.)"""
     folder.mkdir(parents=True, exist_ok=True)
     for k, start in enumerate(range(0, rows, rows_per_file)):
         idx = np.arange(start, min(rows, start + rows_per_file))
@@ -441,8 +440,8 @@ def _memory_input(texts: list[str], rows: int, folder: Path, files: int = 10) ->
 
 def bench_memory(ns) -> dict:
     """Peak memory of ``kalm embed`` (the driver and every Ray process it starts, summed PSS sampled every second)
-    on inputs of each size in ``--memory``, 10 files each, with a tiny model: streaming means the peak does not grow
-    with rows."""
+    on inputs of each size in ``--memory`` (files of 10k rows), with a tiny model: streaming means the peak does not
+    grow with rows."""
     import sys
 
     from pipelines.bench_mine import measure

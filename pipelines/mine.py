@@ -578,7 +578,7 @@ def _text_store(job, inputs: Inputs) -> list:
     for inp_uri, _, id_column, text_column in inputs.corpora:
         inp = resolve_input(inp_uri, None, job.storage())
         kw = dict(id_column=id_column, text_column=text_column, num_cpus=0.25)
-        texts = build_store(inp, shards=4, **kw) if texts is None else fill_store(texts, inp, **kw)
+        texts = build_store(inp, shards=None, **kw) if texts is None else fill_store(texts, inp, **kw)
     return texts
 
 

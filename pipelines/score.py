@@ -37,7 +37,8 @@ class ScoreJobConfig(StorageSettings):
     neg_ids_column: str = "neg_ids"
     corpus_id_column: str = "id"
     corpus_text_column: str = "text"
-    text_store_shards: int = 4  # actors holding the id -> text maps (see operators.lookup for the memory cost)
+    # actors holding the id -> text maps (see operators.lookup for the memory cost); default: one per GB of table
+    text_store_shards: int | None = None
     output: str | None = None  # default: kalm-out/score
     format: str | None = None  # input format; default from file names
     output_format: Literal["jsonl", "parquet"] = "jsonl"

@@ -57,6 +57,10 @@ def test_id_shards_follow_the_input_size():
     assert id_shards_for(0) == 1 and id_shards_for(10_000) == 1  # a small job starts one registry actor, not four
     assert id_shards_for(BYTES_PER_ID_SHARD) == 1 and id_shards_for(BYTES_PER_ID_SHARD + 1) == 2
     assert id_shards_for(10**15) == MAX_ID_SHARDS and id_shards_for(None) == MAX_ID_SHARDS  # unknown: the most
+    from operators.lookup import BYTES_PER_STORE_SHARD, MAX_STORE_SHARDS, store_shards_for
+
+    assert store_shards_for(10_000) == 1 and store_shards_for(3 * BYTES_PER_STORE_SHARD) == 3
+    assert store_shards_for(None) == MAX_STORE_SHARDS
 
 
 def test_prompt_forms():
