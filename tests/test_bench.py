@@ -47,10 +47,16 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     assert fwd["mfu"] == pytest.approx(fwd["model_tflops"] / peak["tflops"], rel=0.01)
     assert 0 < fwd["mfu"] < 1
     assert pipe["runs"]["small"]["rows"] == 60 and pipe["runs"]["large"]["rows"] == 120
-    assert r["ratios"]["pipeline_steady_over_raw_forward"] == pytest.approx(
-        pipe["steady_rows_per_s"] / fwd["rows_per_s"], rel=0.01)  # fmt: skip
-    assert r["ratios"]["pipeline_steady_over_sentence_transformers"] == pytest.approx(
-        pipe["steady_rows_per_s"] / st["rows_per_s"], rel=0.01)  # fmt: skip
+    assert r["ratios"]["raw_forward_over_sentence_transformers"] == pytest.approx(
+        fwd["rows_per_s"] / st["rows_per_s"], rel=0.01)  # fmt: skip
+    # With a tiny model the marginal rate of 60 extra rows is within start-up noise: it may not be measurable
+    # (None, and then no ratio), but when it is, the ratios are the rates they divide.
+    steady = pipe["steady_rows_per_s"]
+    assert ("pipeline_steady_over_raw_forward" in r["ratios"]) == (steady is not None)
+    if steady is not None:
+        assert r["ratios"]["pipeline_steady_over_raw_forward"] == pytest.approx(steady / fwd["rows_per_s"], rel=0.01)
+        assert r["ratios"]["pipeline_steady_over_sentence_transformers"] == pytest.approx(
+            steady / st["rows_per_s"], rel=0.01)  # fmt: skip
     printed = capsys.readouterr().out
     assert "matmul peak (cpu, float32" in printed and "kalm embed, steady state" in printed
 

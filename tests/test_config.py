@@ -98,8 +98,8 @@ def test_rows_per_file_targets_128mb_of_vectors_and_at_most_100k_rows(tiny_bert,
 
     p = plan(EmbedJobConfig(model=default_model))  # 384-d float32: 128 MB is 83,886 rows
     assert rows_per_file(p.embed) == 128 * 2**20 // (4 * 384 + 64)
-    p16 = plan(EmbedJobConfig(model=default_model, dims=(384, 64), dtype="float16"))
-    assert rows_per_file(p16.embed) == 128 * 2**20 // (2 * 448 + 64)
+    p16 = plan(EmbedJobConfig(model=default_model, dims=(384, 256, 128, 64), dtype="float16"))
+    assert rows_per_file(p16.embed) == 128 * 2**20 // (2 * 832 + 64)
     # 32-d vectors would make 700k-row files, each buffered whole by its write task: capped
     assert rows_per_file(plan(EmbedJobConfig(model=tiny_bert, max_length=32)).embed) == 100_000
 
