@@ -63,6 +63,8 @@ def job_settings(ns) -> dict:
         out.update(device="cpu", num_gpus=0.0)
     if ns.max_tokens:
         out["max_tokens"] = ns.max_tokens
+    if ns.replicas:  # the pipeline's model replicas; the raw forward stays one process on every core
+        out["replicas"] = ns.replicas
     return out
 
 
@@ -154,7 +156,8 @@ def bench_raw_forward(texts: list[str], settings: dict, peak: float | None) -> d
     from operators.validate import validate_rows
     from pipelines.embed import EmbedJobConfig, plan
 
-    p = plan(EmbedJobConfig(**settings), gpus_in_cluster=_gpus(settings))
+    # One process using every core (replicas=1), whatever the pipeline part runs with.
+    p = plan(EmbedJobConfig(**{**settings, "replicas": 1}), gpus_in_cluster=_gpus(settings))
     tok, emb = Tokenizer(p.tokenize), Embedder(p.embed)
     batch = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=p.validate,
                           registry=None)  # fmt: skip

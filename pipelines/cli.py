@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bidirectional", action="store_true", help="decoder LM without its causal mask")
     b.add_argument("--compile", action="store_true", help="torch.compile the model")
     b.add_argument("--max-tokens", type=int, help="padded tokens per forward pass (default: the pipeline's)")
+    b.add_argument("--replicas", type=int, help="model replicas of the pipeline part (default: auto; on CPU each "
+                   "gets the node's cores / replicas torch threads)")  # fmt: skip
     b.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     b.add_argument("--repeat", type=int, default=2, help="extra copies of the texts in the large pipeline run")
     b.add_argument("--json", help="also write the results to this JSON file")
