@@ -24,7 +24,6 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from operators import ledger
-from operators.arrow import fixed_size_list
 from operators.io import ROW_COLUMN, SOURCE_COLUMN
 from operators.ledger import REJECTS_DIR
 from operators.storage import with_retries
@@ -43,12 +42,12 @@ def plain_column(col: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
 
 
 def vector_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A vector column as the Embedder emits it: ``fixed_size_list`` (one array, chunks combined)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    if pa.types.is_fixed_size_list(col.type):
-        return col
-    # Ray's tensor extension array (what [N, D] numpy batches become) converts back to [N, D].
-    return fixed_size_list(np.asarray(col.to_numpy(zero_copy_only=False)))
+    if not pa.types.is_fixed_size_list(col.type):
+        raise TypeError(f"vector columns must be fixed_size_list arrays (operators.arrow), got {col.type}")
+    return col
 
 
 @dataclass
