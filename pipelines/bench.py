@@ -148,16 +148,16 @@ def bench_sentence_transformers(model: str, texts: list[str], batch_size: int, s
             "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
-def bench_raw_forward(texts: list[str], settings: dict, peak: float | None) -> dict:
-    """The Embedder alone, in-process, configured exactly as the pipeline configures it (max length, pooling, token
-    budget, batch size, device, dtype), on texts tokenised beforehand by the pipeline's Tokenizer."""
+def _time_forward(settings: dict, replicas: int, texts: list[str], barrier=None) -> dict:
+    """One model replica's share of the raw forward, configured as the pipeline configures a replica (max length,
+    pooling, token budget, batch size, device, dtype, torch threads for ``replicas`` on the node): tokenise (timed
+    apart), warm up, wait at ``barrier`` (the replicas start together), then the Embedder alone on its texts."""
     from operators.embed import Embedder
     from operators.tokenize import Tokenizer
     from operators.validate import validate_rows
     from pipelines.embed import EmbedJobConfig, plan
 
-    # One process using every core (replicas=1), whatever the pipeline part runs with.
-    p = plan(EmbedJobConfig(**{**settings, "replicas": 1}), gpus_in_cluster=_gpus(settings))
+    p = plan(EmbedJobConfig(**{**settings, "replicas": replicas}), gpus_in_cluster=_gpus(settings))
     tok, emb = Tokenizer(p.tokenize), Embedder(p.embed)
     batch = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=p.validate,
                           registry=None)  # fmt: skip
@@ -168,21 +168,89 @@ def bench_raw_forward(texts: list[str], settings: dict, peak: float | None) -> d
     step = p.embed.batch_size
     emb(table.slice(0, min(len(texts), 256)))  # warm-up (and torch.compile's first graph)
     _sync(emb.device)
-    t0 = time.perf_counter()
+    if barrier is not None:
+        barrier.wait()
+    start = time.monotonic()  # system-wide on Linux: comparable between the replicas' processes
     for s in range(0, len(texts), step):
         emb(table.slice(s, step))
     _sync(emb.device)
-    dt = time.perf_counter() - t0
+    end = time.monotonic()
     lengths = np.asarray(table.column("num_tokens"))
-    flops = model_flops(emb.model, lengths)
-    out = {"rows": len(texts), "tokens": int(lengths.sum()), "seconds": round(dt, 3),
-           "rows_per_s": round(len(texts) / dt, 2), "tokens_per_s": round(lengths.sum() / dt, 1),
-           "model_tflops": round(flops / dt / 1e12, 4), "flops_per_row": flops / len(texts),
-           "max_tokens": p.embed.max_tokens, "max_rows": p.embed.max_rows, "batch_size": step,
-           "device": emb.device, "threads": emb.threads,
-           "tokenizer_rows_per_s": round(len(texts) / tok_s, 1)}  # fmt: skip
+    return {"rows": len(texts), "tokens": int(lengths.sum()), "flops": float(model_flops(emb.model, lengths)),
+            "start": start, "end": end, "tokenizer_s": tok_s, "max_tokens": p.embed.max_tokens,
+            "max_rows": p.embed.max_rows, "batch_size": step, "device": emb.device,
+            "threads": emb.threads}  # fmt: skip
+
+
+def pipeline_replicas(settings: dict) -> int:
+    """The model replicas the pipeline part runs with on this machine (``--replicas``, else the CPU or GPU
+    default for a local Ray of this node)."""
+    import ray
+
+    from operators.model import node_cpus
+    from pipelines.embed import EmbedJobConfig, plan
+    from pipelines.runtime import cluster_cpus
+
+    cpus = cluster_cpus() if ray.is_initialized() else node_cpus()  # the Ray the pipeline part will use
+    return plan(EmbedJobConfig(**settings), gpus_in_cluster=_gpus(settings), cpus_in_cluster=cpus).embed.replicas
+
+
+def _tokenizer_rows_per_s(settings: dict, texts: list[str]) -> float:
+    from operators.tokenize import Tokenizer
+    from operators.validate import validate_rows
+    from pipelines.embed import EmbedJobConfig, plan
+
+    p = plan(EmbedJobConfig(**{**settings, "replicas": 1}), gpus_in_cluster=_gpus(settings))
+    tok = Tokenizer(p.tokenize)
+    batch = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=p.validate,
+                          registry=None)  # fmt: skip
+    tok(validate_rows({k: v[:64] for k, v in batch.items()}, cfg=p.validate, registry=None))  # warm-up
+    t0 = time.perf_counter()
+    tok(batch)
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def bench_raw_forward(texts: list[str], settings: dict, peak: float | None, replicas: int = 1) -> dict:
+    """The model alone, no Ray: ``replicas`` processes (one: this process), each with the pipeline's settings for a
+    replica, on every ``replicas``-th text, started together; the time is from the first start to the last end."""
+    if replicas == 1:
+        parts = [_time_forward(settings, 1, texts)]
+        tokenizer_rate = parts[0]["rows"] / parts[0]["tokenizer_s"]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter per replica, as a Ray worker is
+        with ctx.Manager() as manager, ProcessPoolExecutor(replicas, mp_context=ctx) as pool:
+            barrier = manager.Barrier(replicas)
+            futures = [pool.submit(_time_forward, settings, replicas, texts[i::replicas], barrier)
+                       for i in range(replicas)]  # fmt: skip
+            parts = [f.result() for f in futures]
+        tokenizer_rate = _tokenizer_rows_per_s(settings, texts)  # alone: the replicas' tokenisers overlapped
+    dt = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    rows, tokens, flops = (sum(p[k] for p in parts) for k in ("rows", "tokens", "flops"))
+    first = parts[0]
+    out = {"rows": rows, "tokens": tokens, "seconds": round(dt, 3), "rows_per_s": round(rows / dt, 2),
+           "tokens_per_s": round(tokens / dt, 1), "model_tflops": round(flops / dt / 1e12, 6),
+           "flops_per_row": flops / rows, "replicas": replicas, "max_tokens": first["max_tokens"],
+           "max_rows": first["max_rows"], "batch_size": first["batch_size"], "device": first["device"],
+           "threads": first["threads"],
+           "tokenizer_rows_per_s": round(tokenizer_rate, 1)}  # fmt: skip
     if peak:
         out["mfu"] = round(flops / dt / peak, 4)
+    return out
+
+
+def averaged(before: dict, after: dict, peak: float | None) -> dict:
+    """The raw forward measured before and after the pipeline part, rates averaged: a shared or virtual machine's
+    speed drifts over minutes, and the pipeline's ratio is then against the mean of the two, not the luckier one."""
+    out = dict(before)
+    rate = (before["rows_per_s"] + after["rows_per_s"]) / 2
+    out.update(rows_per_s=round(rate, 2), tokens_per_s=round(rate * before["tokens"] / before["rows"], 1),
+               model_tflops=round(rate * before["flops_per_row"] / 1e12, 6),
+               rows_per_s_before=before["rows_per_s"], rows_per_s_after=after["rows_per_s"])  # fmt: skip
+    if peak:
+        out["mfu"] = round(rate * before["flops_per_row"] / peak, 4)
     return out
 
 
@@ -198,10 +266,12 @@ def bench_pipeline(texts: list[str], repeat: int, workdir: Path, settings: dict)
             job = EmbedJobConfig(input=src, output=str(workdir / f"out-{name}"), overwrite=True, **settings)
             m = run(job)
             runs[name] = {"rows": m["counts"]["rows_out"], "seconds": m["timings_s"]["pipeline"]}
+            replicas = m["resolved"]["replicas"]
     extra_rows = runs["large"]["rows"] - runs["small"]["rows"]
     extra_s = runs["large"]["seconds"] - runs["small"]["seconds"]
     return {
         "ray_start_s": round(ray_start, 3),
+        "replicas": replicas,
         "runs": runs,
         "end_to_end_rows_per_s": round(runs["large"]["rows"] / runs["large"]["seconds"], 2),
         "steady_rows_per_s": round(extra_rows / extra_s, 2) if extra_s > 0 else None,
@@ -328,10 +398,18 @@ def table(result: dict) -> list[tuple[str, str, str]]:
         rows.append(_row(f"matmul peak ({peak['device']}, {peak['dtype']}, {peak['threads']} threads)",
                          peak["tflops"], "TFLOP/s"))  # fmt: skip
     if fwd:
-        rows.append(_row("raw forward, in-process", fwd["rows_per_s"], "rows/s",
+        n = fwd.get("replicas", 1)
+        what = "in-process" if n == 1 else f"{n} processes as the pipeline's replicas"
+        if "rows_per_s_after" in fwd:
+            what += f", mean of {fwd['rows_per_s_before']:,.1f} before and {fwd['rows_per_s_after']:,.1f} after"
+        rows.append(_row(f"raw forward, {what}", fwd["rows_per_s"], "rows/s",
                          f" ({fwd['tokens_per_s']:,.0f} tokens/s, {fwd['model_tflops']} TFLOP/s, MFU "
                          f"{fwd.get('mfu', '-')})"))  # fmt: skip
         rows.append(_row("tokenizer, one process", fwd["tokenizer_rows_per_s"], "rows/s"))
+    one = result.get("raw_forward_one_process")
+    if one:
+        rows.append(_row(f"raw forward, one process, {one['threads']} threads", one["rows_per_s"], "rows/s",
+                         f" (MFU {one.get('mfu', '-')})"))  # fmt: skip
     if st:
         rows.append(_row(f"sentence-transformers encode ({st['dtype']})", st["rows_per_s"], "rows/s"))
     if pipe:
@@ -372,9 +450,13 @@ def main(ns) -> dict:
         result["peak"] = bench_peak(settings)
         print("peak", result["peak"], flush=True)
     peak = result["peak"]["tflops"] * 1e12 if "peak" in result else None
+    replicas = pipeline_replicas(settings)
     if "forward" in parts:
-        result["raw_forward"] = bench_raw_forward(texts, settings, peak)
+        result["raw_forward"] = bench_raw_forward(texts, settings, peak, replicas)
         print("raw forward", result["raw_forward"], flush=True)
+        if replicas > 1:  # also the model as one process on every core, the usual in-process reference
+            result["raw_forward_one_process"] = bench_raw_forward(texts, settings, peak, 1)
+            print("raw forward, one process", result["raw_forward_one_process"], flush=True)
     if "st" in parts:
         result["sentence_transformers"] = bench_sentence_transformers(settings["model"], texts, ns.batch_size,
                                                                       settings)  # fmt: skip
@@ -382,6 +464,12 @@ def main(ns) -> dict:
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as tmp:
         if "pipeline" in parts:
             result["pipeline"] = pipe = bench_pipeline(texts, ns.repeat, Path(tmp), settings)
+            if pipe["replicas"] != replicas:
+                logger.warning("the pipeline ran %d replicas, the raw forward %d", pipe["replicas"], replicas)
+            if "forward" in parts:
+                after = bench_raw_forward(texts, settings, peak, replicas)
+                print("raw forward, after the pipeline", after, flush=True)
+                result["raw_forward"] = averaged(result["raw_forward"], after, peak)
             fwd = result.get("raw_forward")
             if fwd and peak and pipe["steady_rows_per_s"]:
                 pipe["mfu"] = round(pipe["steady_rows_per_s"] * fwd["flops_per_row"] / peak, 4)
@@ -392,6 +480,8 @@ def main(ns) -> dict:
     steady = result.get("pipeline", {}).get("steady_rows_per_s")
     result["ratios"] = {k: v for k, v in {
         "pipeline_steady_over_raw_forward": ratio(steady, result.get("raw_forward", {}).get("rows_per_s")),
+        "pipeline_steady_over_raw_forward_one_process": ratio(steady, result.get("raw_forward_one_process", {})
+                                                              .get("rows_per_s")),
         "pipeline_steady_over_sentence_transformers": ratio(steady, result.get("sentence_transformers", {})
                                                             .get("rows_per_s")),
         "raw_forward_over_sentence_transformers": ratio(result.get("raw_forward", {}).get("rows_per_s"),

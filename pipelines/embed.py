@@ -21,7 +21,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
-from pipelines.runtime import replicas_for
+from pipelines.runtime import cluster_cpus, replicas_for
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +55,20 @@ class EmbedJobConfig(StorageSettings):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     num_gpus: float | None = None  # per replica; default: 1 when the cluster has GPUs, else 0 (CPU)
-    replicas: Replicas = None  # model replicas; default: all GPUs / num_gpus, or 1 on CPU
+    replicas: Replicas = None  # model replicas; default: all GPUs / num_gpus, or one per CPU up to 4 (CPU)
     # Padded tokens / rows per forward pass. Defaults, from measurements (tests/gpu/h200-2026-11-29.json):
     # GPU 65536 / 2048 (H200, bf16: Qwen2-0.5B-shaped 231k tokens/s at 65536 vs 147k at 16384; lower it for a large
     # model on a small GPU); CPU 2048 / 64, where small batches stay in cache (all-MiniLM-L6-v2 on 2 cores: 67 rows/s
     # at 2048 tokens vs 58 at 16384).
     max_tokens: int | None = None
     max_rows: int | None = None
-    batch_size: int | None = None  # rows per actor call, length-sorted within; default 8192 on GPU, 4096 on CPU
+    batch_size: int | None = None  # rows per actor call, length-sorted within; default 8192 on GPU, 1024 on CPU
     # Logical CPUs per model replica; default 1 on GPU, 0.5 on CPU. A CPU replica holding a whole CPU (plus the
     # tokenizer's share) on a 2-core node leaves the read and write tasks too little and the job stalls. The
     # replica's torch threads are set separately (EmbedConfig.torch_threads).
     embed_num_cpus: float | None = None
-    tokenizer_replicas: int | None = None  # default: one per model replica (one tokenizer feeds ~29k rows/s)
+    # default: one per GPU replica (one tokenizer feeds ~29k rows/s), one in all on CPU (models take ~100 rows/s)
+    tokenizer_replicas: int | None = None
     tokenizer_num_cpus: float = 0.25
     io_num_cpus: float = 0.25
     # Target block size in MB. Ray Data's default (128 MB) packs ~250k texts in a block, and a block is the unit
@@ -133,8 +134,11 @@ def prompt_for(job: EmbedJobConfig) -> str | None:
     return template.replace("{task}", job.task) if template else None
 
 
-def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: InputFiles | None = None) -> EmbedPlan:
+def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_cluster: float | None = None,
+         inp: InputFiles | None = None) -> EmbedPlan:  # fmt: skip
     """Resolve defaults and check everything that can be checked without Ray: paths, columns, model, ranges.
+
+    ``gpus_in_cluster``/``cpus_in_cluster``: the Ray cluster's, which size the model pool (``replicas_for``).
 
     ``inp``: the input already resolved by an earlier plan of the same job, so files are not listed twice.
     """
@@ -153,15 +157,15 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
         num_gpus = job.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if (gpus_in_cluster or 0) > 0 else 0.0
-        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas")
-        batch_size = job.batch_size or (8192 if num_gpus > 0 else 4096)
+        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas", cpus_in_cluster)
+        batch_size = job.batch_size or (8192 if num_gpus > 0 else CPU_BATCH_ROWS)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(
             model=info,
             text_column=job.text_column,
             prompt=prompt_for(job),
             max_length=max_length,
-            replicas=job.tokenizer_replicas or replicas,
+            replicas=job.tokenizer_replicas or (replicas if num_gpus > 0 else 1),
             num_cpus=job.tokenizer_num_cpus,
             batch_size=batch_size,
             keep_text=job.text_column in job.keep_columns,
@@ -193,6 +197,10 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
 
 
 TARGET_FILE_BYTES = 128 * 2**20
+# Rows per model call on CPU: a call is the unit one replica takes, ~20 s of one core for all-MiniLM-L6-v2, so
+# several replicas share a small input evenly and the last call leaves the others idle briefly; 1,024 length-sorted
+# rows still pack into forward batches of near-equal lengths.
+CPU_BATCH_ROWS = 1024
 
 
 def forward_limits(num_gpus: float, max_tokens: int | None, max_rows: int | None) -> dict[str, int]:
@@ -269,7 +277,12 @@ def build_dataset(p: EmbedPlan, out: Output):
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=p.embed.replicas),
+        # On CPU a call takes seconds: one queued call per replica, so a replica that starts late, or finishes
+        # early, gets the next call instead of the first-started one holding a queue of four (Ray Data's default
+        # queues calls on the replicas alive at the time). On GPU calls are short and the queue keeps it fed.
+        compute=ActorPoolStrategy(
+            size=p.embed.replicas, max_tasks_in_flight_per_actor=None if p.embed.num_gpus else 1
+        ),  # fmt: skip
         num_gpus=p.embed.num_gpus or None,
         num_cpus=p.embed.num_cpus,
         udf_modifying_row_count=False,
@@ -286,7 +299,7 @@ def run(job: EmbedJobConfig) -> dict:
     resolved = {}
 
     def build(out, gpus):
-        q = plan(job, gpus_in_cluster=gpus, inp=p.input)
+        q = plan(job, gpus_in_cluster=gpus, cpus_in_cluster=cluster_cpus(), inp=p.input)
         resolved["plan"] = q
         sink = RowSink(
             out.root,

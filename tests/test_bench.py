@@ -46,6 +46,13 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     assert fwd["rows"] == 60 and fwd["tokens"] == sum(len(t.split()) + 2 for t in texts)  # [CLS] ... [SEP]
     assert fwd["mfu"] == pytest.approx(fwd["model_tflops"] / peak["tflops"], rel=0.01)
     assert 0 < fwd["mfu"] < 1
+    # The raw forward runs the pipeline's layout (the shared Ray has 2 CPUs: two 1-thread replicas, as processes),
+    # before and after the pipeline part, averaged; and once as one process on every core.
+    assert fwd["replicas"] == pipe["replicas"] == 2 and fwd["threads"] == 1
+    assert fwd["rows_per_s"] == pytest.approx((fwd["rows_per_s_before"] + fwd["rows_per_s_after"]) / 2, abs=0.01)
+    one = r["raw_forward_one_process"]
+    assert one["replicas"] == 1 and one["rows"] == 60 and one["tokens"] == fwd["tokens"]
+    assert one["flops_per_row"] == pytest.approx(fwd["flops_per_row"])  # the same model on the same rows
     assert pipe["runs"]["small"]["rows"] == 60 and pipe["runs"]["large"]["rows"] == 120
     assert r["ratios"]["raw_forward_over_sentence_transformers"] == pytest.approx(
         fwd["rows_per_s"] / st["rows_per_s"], rel=0.01)  # fmt: skip

@@ -54,7 +54,11 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     assert (cpu.embed.num_gpus, cpu.embed.replicas, cpu.embed.max_tokens, cpu.embed.num_cpus) == (0, 1, 2048, 0.5)
     gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=4)
     assert (gpu.embed.num_gpus, gpu.embed.replicas, gpu.embed.max_tokens, gpu.embed.num_cpus) == (0.5, 8, 65536, 1.0)
-    assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192 and cpu.embed.batch_size == 4096
+    assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192 and cpu.embed.batch_size == 1024
+    # CPU: one 1-thread replica per CPU up to four, and one tokenizer for them all
+    for cpus, replicas in ((1, 1), (2, 2), (3, 3), (16, 4)):
+        c = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=0, cpus_in_cluster=cpus)
+        assert (c.embed.replicas, c.tokenize.replicas, c.embed.num_gpus) == (replicas, 1, 0)
     unset = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
     assert (unset.embed.num_gpus, unset.embed.replicas) == (1.0, 2)
 
@@ -69,7 +73,10 @@ def test_replicas_auto_follows_the_cluster_and_a_number_is_kept(tmp_path, tiny_b
     assert plan(job, gpus_in_cluster=3).embed.replicas == 12  # four replicas on each of 3 GPUs
     assert plan(job, gpus_in_cluster=3).tokenize.replicas == 12
     cpu = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto"])
-    assert plan(cpu, gpus_in_cluster=0).embed.replicas == 1
+    assert plan(cpu, gpus_in_cluster=0).embed.replicas == 1  # CPUs not known yet (the plan before Ray starts)
+    assert plan(cpu, gpus_in_cluster=0, cpus_in_cluster=2).embed.replicas == 2
+    assert plan(fixed_cpu := EmbedJobConfig(model=tiny_bert, replicas=3), gpus_in_cluster=0,
+                cpus_in_cluster=16).embed.replicas == fixed_cpu.replicas  # fmt: skip
     fixed = _load(tmp_path, f"model: {tiny_bert}\nreplicas: auto\n", ["--replicas", "5"])
     assert fixed.replicas == 5 and plan(fixed, gpus_in_cluster=2).embed.replicas == 5  # the flag beats YAML
     with pytest.raises(ConfigError, match="replicas must be >= 1 or 'auto', got 0"):
