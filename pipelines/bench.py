@@ -182,17 +182,19 @@ def _time_forward(settings: dict, replicas: int, texts: list[str], barrier=None)
             "threads": emb.threads}  # fmt: skip
 
 
-def pipeline_replicas(settings: dict) -> int:
-    """The model replicas the pipeline part runs with on this machine (``--replicas``, else the CPU or GPU
-    default for a local Ray of this node)."""
+def pipeline_replicas(settings: dict, texts: list[str]) -> int:
+    """The model replicas ``kalm embed`` picks for these texts on the Ray the pipeline part will use (``--replicas``,
+    else the CPU or GPU default); the bench then runs every part with that number."""
     import ray
 
     from operators.model import node_cpus
     from pipelines.embed import EmbedJobConfig, plan
     from pipelines.runtime import cluster_cpus
 
-    cpus = cluster_cpus() if ray.is_initialized() else node_cpus()  # the Ray the pipeline part will use
-    return plan(EmbedJobConfig(**settings), gpus_in_cluster=_gpus(settings), cpus_in_cluster=cpus).embed.replicas
+    cpus = cluster_cpus() if ray.is_initialized() else node_cpus()
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-") as tmp:
+        job = EmbedJobConfig(**settings, input=_write_copies(texts, 1, Path(tmp)))
+        return plan(job, gpus_in_cluster=_gpus(settings), cpus_in_cluster=cpus).embed.replicas
 
 
 def _tokenizer_rows_per_s(settings: dict, texts: list[str]) -> float:
@@ -387,7 +389,7 @@ def _row(name: str, value, unit: str, note: str = "") -> tuple[str, str, str]:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
+    return float(f"{a / b:.4g}") if a and b else None  # significant digits: a tiny model's ratios are small
 
 
 def table(result: dict) -> list[tuple[str, str, str]]:
@@ -450,7 +452,7 @@ def main(ns) -> dict:
         result["peak"] = bench_peak(settings)
         print("peak", result["peak"], flush=True)
     peak = result["peak"]["tflops"] * 1e12 if "peak" in result else None
-    replicas = pipeline_replicas(settings)
+    replicas = settings.setdefault("replicas", pipeline_replicas(settings, texts))  # one layout for every part
     if "forward" in parts:
         result["raw_forward"] = bench_raw_forward(texts, settings, peak, replicas)
         print("raw forward", result["raw_forward"], flush=True)

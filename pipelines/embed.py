@@ -158,6 +158,10 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_c
         if num_gpus is None:
             num_gpus = 1.0 if (gpus_in_cluster or 0) > 0 else 0.0
         replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas", cpus_in_cluster)
+        if num_gpus == 0 and job.replicas in (None, "auto") and inp.total_bytes is not None:
+            # A replica only helps with a call's worth of rows to take: a small input (a query set, a test) starts
+            # one model actor, not one per core.
+            replicas = min(replicas, max(1, inp.total_bytes // CPU_BYTES_PER_REPLICA))
         batch_size = job.batch_size or (8192 if num_gpus > 0 else CPU_BATCH_ROWS)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(
@@ -201,6 +205,9 @@ TARGET_FILE_BYTES = 128 * 2**20
 # several replicas share a small input evenly and the last call leaves the others idle briefly; 1,024 length-sorted
 # rows still pack into forward batches of near-equal lengths.
 CPU_BATCH_ROWS = 1024
+# Input bytes per automatic CPU replica: about two 1,024-row calls of short texts (the bundled corpus is 135 bytes a
+# row as Parquet), so the bundled queries (12 KB) start one replica and the bundled corpus (398 KB) one per core.
+CPU_BYTES_PER_REPLICA = 128 * 2**10
 
 
 def forward_limits(num_gpus: float, max_tokens: int | None, max_rows: int | None) -> dict[str, int]:

@@ -38,7 +38,7 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     pq.write_table(pa.table({"id": [f"t{i}" for i in range(60)], "text": texts}), tmp_path / "texts.parquet")
     out = tmp_path / "bench.json"
     rc = main(["bench", "--parts", "peak,forward,st,pipeline", "--input", str(tmp_path / "texts.parquet"),
-               "--model", tiny_bert, "--repeat", "1", "--json", str(out)])  # fmt: skip
+               "--model", tiny_bert, "--repeat", "1", "--replicas", "2", "--json", str(out)])  # fmt: skip
     assert rc == 0
     r = json.loads(out.read_text())
     peak, fwd, st, pipe = r["peak"], r["raw_forward"], r["sentence_transformers"], r["pipeline"]
@@ -46,7 +46,7 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     assert fwd["rows"] == 60 and fwd["tokens"] == sum(len(t.split()) + 2 for t in texts)  # [CLS] ... [SEP]
     assert fwd["mfu"] == pytest.approx(fwd["model_tflops"] / peak["tflops"], rel=0.01)
     assert 0 < fwd["mfu"] < 1
-    # The raw forward runs the pipeline's layout (the shared Ray has 2 CPUs: two 1-thread replicas, as processes),
+    # The raw forward runs the pipeline's layout (two replicas on the shared Ray's 2 CPUs: 1-thread processes),
     # before and after the pipeline part, averaged; and once as one process on every core.
     assert fwd["replicas"] == pipe["replicas"] == 2 and fwd["threads"] == 1
     assert fwd["rows_per_s"] == pytest.approx((fwd["rows_per_s_before"] + fwd["rows_per_s_after"]) / 2, abs=0.01)

@@ -55,10 +55,16 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=4)
     assert (gpu.embed.num_gpus, gpu.embed.replicas, gpu.embed.max_tokens, gpu.embed.num_cpus) == (0.5, 8, 65536, 1.0)
     assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192 and cpu.embed.batch_size == 1024
-    # CPU: one 1-thread replica per CPU up to four, and one tokenizer for them all
-    for cpus, replicas in ((1, 1), (2, 2), (3, 3), (16, 4)):
+    # CPU: one replica per CPU up to four, at most one per 128 KiB of input (the bundled corpus is 398 KB: three),
+    # and one tokenizer for them all
+    for cpus, replicas in ((1, 1), (2, 2), (3, 3), (16, 3)):
         c = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=0, cpus_in_cluster=cpus)
         assert (c.embed.replicas, c.tokenize.replicas, c.embed.num_gpus) == (replicas, 1, 0)
+    from pipelines import defaults
+
+    queries = EmbedJobConfig(model=tiny_bert, input=str(defaults.SAMPLE_QUERIES), id_column="query_id",
+                             text_column="query")  # fmt: skip
+    assert plan(queries, gpus_in_cluster=0, cpus_in_cluster=16).embed.replicas == 1  # 12 KB: one call's worth
     unset = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
     assert (unset.embed.num_gpus, unset.embed.replicas) == (1.0, 2)
 
