@@ -249,12 +249,10 @@ def build_dataset(p: EmbedPlan, out: Output):
     job, inp = p.job, p.input
     DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
     columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
-    # Two read (and validate) tasks per tokenizer keep it fed (one read streams thousands of rows/s) while bounding
-    # what reads hold (operators.io.read_input) and the task workers Ray starts for them: memory then follows the
-    # cluster, not the number of files.
-    io_tasks = 2 * p.tokenize.replicas
+    # Two read tasks per model replica keep its tokenizer fed (one streams thousands of rows/s) while bounding the
+    # memory that reads hold (operators.io.read_input): memory then follows the cluster, not the number of files.
     ds = out.read(inp, columns=columns, num_cpus=job.io_num_cpus, add_ids=job.add_ids, id_column=job.id_column,
-                  concurrency=io_tasks)  # fmt: skip
+                  concurrency=2 * p.embed.replicas)  # fmt: skip
     if ds is None:
         return None
     registry = None
@@ -267,7 +265,6 @@ def build_dataset(p: EmbedPlan, out: Output):
         fn_kwargs={"cfg": p.validate, "registry": registry},
         batch_size=p.tokenize.batch_size,
         num_cpus=job.io_num_cpus,
-        concurrency=io_tasks,
         udf_modifying_row_count=False,
     )
     # Tokenizer and Embedder take and return Arrow tables: token ids and vectors cross as flat buffers
@@ -282,7 +279,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         udf_modifying_row_count=False,
         **POOL_ACTOR,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
@@ -298,7 +295,6 @@ def build_dataset(p: EmbedPlan, out: Output):
         udf_modifying_row_count=False,
         **POOL_ACTOR,
     )
-    return ds
 
 
 def run(job: EmbedJobConfig) -> dict:
