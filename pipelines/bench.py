@@ -148,23 +148,31 @@ def bench_sentence_transformers(model: str, texts: list[str], batch_size: int, s
             "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
-def _time_forward(settings: dict, replicas: int, texts: list[str], barrier=None) -> dict:
-    """One model replica's share of the raw forward, configured as the pipeline configures a replica (max length,
-    pooling, token budget, batch size, device, dtype, torch threads for ``replicas`` on the node): tokenise (timed
-    apart), warm up, wait at ``barrier`` (the replicas start together), then the Embedder alone on its texts."""
-    from operators.embed import Embedder
+def _tokenised(settings: dict, replicas: int, texts: list[str]):
+    """The pipeline's plan for ``replicas`` replicas, and ``texts`` validated and tokenised by its Tokenizer (after
+    a warm-up): (plan, token table, seconds the tokenisation took)."""
     from operators.tokenize import Tokenizer
     from operators.validate import validate_rows
     from pipelines.embed import EmbedJobConfig, plan
 
     p = plan(EmbedJobConfig(**{**settings, "replicas": replicas}), gpus_in_cluster=_gpus(settings))
-    tok, emb = Tokenizer(p.tokenize), Embedder(p.embed)
+    tok = Tokenizer(p.tokenize)
     batch = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=p.validate,
                           registry=None)  # fmt: skip
     tok(validate_rows({k: v[:64] for k, v in batch.items()}, cfg=p.validate, registry=None))  # warm-up
     t0 = time.perf_counter()
     table = tok(batch)
-    tok_s = time.perf_counter() - t0
+    return p, table, time.perf_counter() - t0
+
+
+def _time_forward(settings: dict, replicas: int, texts: list[str], barrier=None) -> dict:
+    """One model replica's share of the raw forward, configured as the pipeline configures a replica (max length,
+    pooling, token budget, batch size, device, dtype, torch threads for ``replicas`` on the node): tokenise (timed
+    apart), warm up, wait at ``barrier`` (the replicas start together), then the Embedder alone on its texts."""
+    from operators.embed import Embedder
+
+    p, table, tok_s = _tokenised(settings, replicas, texts)
+    emb = Embedder(p.embed)
     step = p.embed.batch_size
     emb(table.slice(0, min(len(texts), 256)))  # warm-up (and torch.compile's first graph)
     _sync(emb.device)
@@ -197,21 +205,6 @@ def pipeline_replicas(settings: dict, texts: list[str]) -> int:
         return plan(job, gpus_in_cluster=_gpus(settings), cpus_in_cluster=cpus).embed.replicas
 
 
-def _tokenizer_rows_per_s(settings: dict, texts: list[str]) -> float:
-    from operators.tokenize import Tokenizer
-    from operators.validate import validate_rows
-    from pipelines.embed import EmbedJobConfig, plan
-
-    p = plan(EmbedJobConfig(**{**settings, "replicas": 1}), gpus_in_cluster=_gpus(settings))
-    tok = Tokenizer(p.tokenize)
-    batch = validate_rows({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}, cfg=p.validate,
-                          registry=None)  # fmt: skip
-    tok(validate_rows({k: v[:64] for k, v in batch.items()}, cfg=p.validate, registry=None))  # warm-up
-    t0 = time.perf_counter()
-    tok(batch)
-    return len(texts) / (time.perf_counter() - t0)
-
-
 def bench_raw_forward(texts: list[str], settings: dict, peak: float | None, replicas: int = 1) -> dict:
     """The model alone, no Ray: ``replicas`` processes (one: this process), each with the pipeline's settings for a
     replica, on every ``replicas``-th text, started together; the time is from the first start to the last end."""
@@ -228,7 +221,7 @@ def bench_raw_forward(texts: list[str], settings: dict, peak: float | None, repl
             futures = [pool.submit(_time_forward, settings, replicas, texts[i::replicas], barrier)
                        for i in range(replicas)]  # fmt: skip
             parts = [f.result() for f in futures]
-        tokenizer_rate = _tokenizer_rows_per_s(settings, texts)  # alone: the replicas' tokenisers overlapped
+        tokenizer_rate = len(texts) / _tokenised(settings, 1, texts)[2]  # alone: the replicas' tokenisers overlapped
     dt = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     rows, tokens, flops = (sum(p[k] for p in parts) for k in ("rows", "tokens", "flops"))
     first = parts[0]
