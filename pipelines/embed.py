@@ -71,9 +71,10 @@ class EmbedJobConfig(StorageSettings):
     tokenizer_replicas: int | None = None
     tokenizer_num_cpus: float = 0.25
     io_num_cpus: float = 0.25
-    # Target block size in MB. Ray Data's default (128 MB) packs ~250k texts in a block, and a block is the unit
-    # handed to one model replica: a corpus of a few blocks would then keep most GPUs idle and nothing would stream.
-    block_mb: float = 8.0
+    # Target block size in MB; default 8 on GPU, 0.5 on CPU (``block_mb_for``). Ray Data's default (128 MB) packs
+    # ~250k texts in a block, and a block is the unit handed to one model replica: a corpus of a few blocks would
+    # then keep most GPUs idle and nothing would stream.
+    block_mb: float | None = None
     dedupe_ids: bool = True
     # Rows per output file; default: ~128 MB of vectors per file (e.g. 87k rows of 384 float32), so files are
     # neither tiny nor held in memory for long before they are written.
@@ -157,11 +158,8 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_c
         num_gpus = job.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if (gpus_in_cluster or 0) > 0 else 0.0
-        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas", cpus_in_cluster)
-        if num_gpus == 0 and job.replicas in (None, "auto") and inp.total_bytes is not None:
-            # A replica only helps with a call's worth of rows to take: a small input (a query set, a test) starts
-            # one model actor, not one per core.
-            replicas = min(replicas, max(1, inp.total_bytes // CPU_BYTES_PER_REPLICA))
+        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas", cpus_in_cluster,
+                                inp.total_bytes)  # fmt: skip
         batch_size = job.batch_size or (8192 if num_gpus > 0 else CPU_BATCH_ROWS)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(
@@ -205,9 +203,18 @@ TARGET_FILE_BYTES = 128 * 2**20
 # several replicas share a small input evenly and the last call leaves the others idle briefly; 1,024 length-sorted
 # rows still pack into forward batches of near-equal lengths.
 CPU_BATCH_ROWS = 1024
-# Input bytes per automatic CPU replica: about two 1,024-row calls of short texts (the bundled corpus is 135 bytes a
-# row as Parquet), so the bundled queries (12 KB) start one replica and the bundled corpus (398 KB) one per core.
-CPU_BYTES_PER_REPLICA = 128 * 2**10
+# Target block size on GPU and on CPU, in MB. Ray Data fills blocks up to the target at every stage (it merges a
+# map's output batches, it never splits a block to a later map's batch_size), so a model task is a block. On GPU
+# 8 MB (~20k short texts, a few calls) keeps the queues full at little per-block cost. On CPU a call of 1,024 rows
+# takes ~20 s of one core: an 8 MB block would be ~20 calls, minutes of one replica, and the last such task leaves
+# the others idle that long; a 0.5 MB block is about one call of short texts (~360 bytes a row once tokenised),
+# and blocks of longer texts are bundled up to a call's rows.
+GPU_BLOCK_MB = 8.0
+CPU_BLOCK_MB = 0.5
+
+
+def block_mb_for(block_mb: float | None, num_gpus: float) -> float:
+    return block_mb or (GPU_BLOCK_MB if num_gpus > 0 else CPU_BLOCK_MB)
 
 
 def forward_limits(num_gpus: float, max_tokens: int | None, max_rows: int | None) -> dict[str, int]:
@@ -247,7 +254,7 @@ def build_dataset(p: EmbedPlan, out: Output):
     from ray.data import ActorPoolStrategy, DataContext
 
     job, inp = p.job, p.input
-    DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
+    DataContext.get_current().target_max_block_size = int(block_mb_for(job.block_mb, p.embed.num_gpus) * 2**20)
     columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
     # Two read tasks per model replica keep its tokenizer fed (one streams thousands of rows/s) while bounding the
     # memory that reads hold (operators.io.read_input): memory then follows the cluster, not the number of files.
@@ -341,6 +348,7 @@ def run(job: EmbedJobConfig) -> dict:
                 "num_gpus": q.embed.num_gpus,
                 "replicas": q.embed.replicas,
                 "max_tokens": q.embed.max_tokens,
+                "block_mb": block_mb_for(job.block_mb, q.embed.num_gpus),
             },
         }
 

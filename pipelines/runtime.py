@@ -52,13 +52,18 @@ AUTO = "auto"
 # Measured on 2 cores with 8% of the machine taken by another process: one 2-thread replica lost 13.5%, two
 # 1-thread replicas 6.6%. Capped so that a large CPU node does not hold dozens of model copies.
 MAX_CPU_REPLICAS = 4
+# Input bytes per automatic CPU replica: a replica only helps with a call's worth of rows to take, about two
+# 1,024-row calls of short texts (the bundled corpus is 135 bytes a row as Parquet), so a small input (a query set,
+# a test) starts one model actor: the bundled queries (12 KB) one, the bundled corpus (398 KB) one per core.
+CPU_BYTES_PER_REPLICA = 128 * 2**10
 
 
 def replicas_for(requested: int | str | None, num_gpus: float, gpus_in_cluster: float | None, flag: str,
-                 cpus_in_cluster: float | None = None) -> int:  # fmt: skip
+                 cpus_in_cluster: float | None = None, input_bytes: int | None = None) -> int:  # fmt: skip
     """A model stage's pool size. ``auto`` (or unset) follows the cluster: every GPU it has, ``num_gpus`` each
     (0.25 -> four replicas per GPU); on CPU one replica per CPU up to ``MAX_CPU_REPLICAS`` (one when the CPUs are
-    not known yet), each with the node's cores / replicas torch threads.
+    not known yet) and one per ``CPU_BYTES_PER_REPLICA`` of ``input_bytes`` (where known), each with the node's
+    cores / replicas torch threads.
     A number is taken as is: on an autoscaling cluster with no GPU node up yet, Ray then waits for the nodes
     the pool needs instead of sizing the pool from an empty cluster.
     """
@@ -67,7 +72,8 @@ def replicas_for(requested: int | str | None, num_gpus: float, gpus_in_cluster: 
             raise ValueError(f"{flag.lstrip('-').replace('-', '_')} must be >= 1 or 'auto', got {requested}")
         return int(requested)
     if num_gpus <= 0:
-        return max(1, min(MAX_CPU_REPLICAS, int(cpus_in_cluster or 1)))
+        by_input = MAX_CPU_REPLICAS if input_bytes is None else input_bytes // CPU_BYTES_PER_REPLICA
+        return max(1, min(MAX_CPU_REPLICAS, int(cpus_in_cluster or 1), by_input))
     if gpus_in_cluster == 0:
         # Ray would wait forever for a GPU actor that no node can hold.
         raise ValueError(
