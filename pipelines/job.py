@@ -58,6 +58,7 @@ def execute(
         ds, sink = build(out, cluster_gpus())
         assert isinstance(sink, RowSink)
         t_pipe = time.perf_counter()
+        steady = None
         if ds is not None:
             todo = [f for f in inp.files if inp.source(f) not in out.state.complete()]
             partly_done = sum(b - a for ranges in out.state.partial().values() for a, b in ranges)
@@ -68,6 +69,7 @@ def execute(
 
             with track(f"{command} ({posixpath.basename(output.rstrip('/'))})", remaining) as tracker:
                 tracker.wrap(ds).write_datasink(sink, ray_remote_args={"num_cpus": io_num_cpus})
+            steady = tracker.steady_rows_per_s
         else:
             logger.info("every input row of %s is already committed; nothing to do", output)
         pipeline_s = time.perf_counter() - t_pipe
@@ -92,6 +94,9 @@ def execute(
             "pipeline": round(pipeline_s, 3),
             "total": round(time.perf_counter() - t_start, 3),
             "rows_per_s": round(this_run["rows_in"] / pipeline_s, 2) if pipeline_s > 0 else None,
+            # Rows/s in the middle of the run, start-up and drain left out (``progress.steady_rate``): the figure
+            # that scales to a larger input, where rows_per_s is diluted by fixed costs on a small one.
+            "steady_rows_per_s": None if steady is None else round(steady, 2),
         },
     }
     out.write_manifest(manifest)

@@ -203,6 +203,37 @@ def test_progress_arithmetic_by_hand():
     assert input_rows(batch) == 4
 
 
+def test_steady_rate_by_hand():
+    """The steady rate leaves out the start and the drain; the counter's timeline stays bounded and every point it
+    keeps is a true one, so the rate between kept points is unchanged."""
+    from pipelines.progress import RowCounter, steady_rate, thinned
+
+    # 10 s of start-up before the first block, then 100 rows/s, then a slow drain (the last block after 20 s).
+    points = [(10.0 + i, 100 * (i + 1)) for i in range(9)] + [(38.0, 1000)]
+    assert steady_rate(points) == pytest.approx(100.0)  # blocks at 100 (10%) ... 900 (90%): 800 rows in 8 s
+    assert 1000 / 38.0 < 30  # the whole-run rate the start and drain dilute
+    # Two replicas started together deliver 1,024-row blocks in pairs every 20 s (102.4 rows/s): rows between the
+    # window's ends over the time between them would be 5,120 rows in 80 s = 64 or 7,168 in 80 s = 89.6, by
+    # where the window cuts a pair; the slope through every point is the rate.
+    pairs = [(t, n) for k in range(8) for t, n in ((20.0 * k, 2048 * k + 1024), (20.0 * k + 0.01, 2048 * k + 2048))]
+    assert steady_rate(pairs) == pytest.approx(102.4, rel=0.02)
+    assert steady_rate(pairs, (0.0, 1.0)) == pytest.approx(102.4, rel=0.02)
+    assert steady_rate([(1.0, 50)]) is None and steady_rate([]) is None
+    assert steady_rate([(0.0, 100), (1.0, 200), (2.0, 300)], (0.0, 1.0)) is None  # too few blocks to tell
+    assert steady_rate([(1.0, 10), (1.0, 20), (1.0, 30), (1.0, 40)], (0.0, 1.0)) is None  # no time between them
+    assert thinned([1, 2, 3, 4, 5, 6]) == [1, 3, 5, 6] and thinned([1, 2, 3]) == [1, 3]
+
+    counter = RowCounter()  # the actor's class, called directly
+    for _ in range(5000):
+        counter.add("k", 2)
+    line = counter.timeline("k")
+    assert counter.get("k") == 10_000 and line[-1][1] == 10_000 and len(line) <= 2 * 1024
+    rows = [n for _, n in line]
+    assert rows == sorted(set(rows)) and all(n % 2 == 0 for n in rows)  # increasing, every one a real count
+    counter.forget("k")
+    assert counter.timeline("k") == [] and counter.get("k") == 0
+
+
 def test_select_reuses_a_distill_output_with_the_teachers_labels(distilled, tmp_path):
     """`kalm select` re-applies other rules to a distill run's candidates table: no search, no teacher, and the
     labels stay the teacher's scores of the chosen candidates."""
