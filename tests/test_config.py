@@ -65,6 +65,9 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     queries = EmbedJobConfig(model=tiny_bert, input=str(defaults.SAMPLE_QUERIES), id_column="query_id",
                              text_column="query")  # fmt: skip
     assert plan(queries, gpus_in_cluster=0, cpus_in_cluster=16).embed.replicas == 1  # 12 KB: one call's worth
+    from pipelines.embed import block_mb_for
+
+    assert (block_mb_for(None, 0.0), block_mb_for(None, 0.25), block_mb_for(2.0, 0.0)) == (0.5, 8.0, 2.0)
     unset = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=2)
     assert (unset.embed.num_gpus, unset.embed.replicas) == (1.0, 2)
 
