@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replicas", type=int, help="model replicas of the pipeline part (default: auto; on CPU each "
                    "gets the node's cores / replicas torch threads)")  # fmt: skip
     b.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
-    b.add_argument("--repeat", type=int, default=2, help="extra copies of the texts in the large pipeline run")
+    b.add_argument("--repeat", type=int, default=4, help="extra copies of the texts in the large pipeline run")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--score", choices=["bi-encoder", "cross-encoder"], help="teacher kind of the score part "
                    "(default: bi-encoder)")  # fmt: skip
