@@ -61,6 +61,7 @@ class TokenizeConfig:
     num_cpus: float = 0.25
     batch_size: int = 1024
     keep_text: bool = False  # pass the text column on (asked for as an output column); else it is dropped here
+    trust_remote_code: bool = False  # a tokenizer class the model folder defines (only where tokenizer_json is None)
     # The serialised backend (``backend_json``); None loads it from the model folder in the actor (transformers).
     tokenizer_json: str | None = field(default=None, repr=False)
 
@@ -102,7 +103,7 @@ class Tokenizer:
         if cfg.tokenizer_json is not None:
             self.backend = RustTokenizer.from_str(cfg.tokenizer_json)
         else:
-            self.backend = RustTokenizer.from_str(backend_json(cfg.model.local_path()))
+            self.backend = RustTokenizer.from_str(backend_json(cfg.model.local_path(), cfg.trust_remote_code))
         self.backend.no_padding()
         self.backend.enable_truncation(max_length=cfg.max_length)
         self.char_cap = cfg.max_length * CHARS_PER_TOKEN_CAP

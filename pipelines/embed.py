@@ -172,6 +172,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_c
             batch_size=batch_size,
             keep_text=job.text_column in job.keep_columns,
             tokenizer_json=backend_json(info.local_path(), job.trust_remote_code),
+            trust_remote_code=job.trust_remote_code,
         )
         embed = EmbedConfig(
             model=info,

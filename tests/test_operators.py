@@ -96,6 +96,36 @@ def test_tokenizer_cuts_huge_text_before_tokenising(tiny_bert):
     assert out.column("num_tokens")[0].as_py() == 16 and out.column("truncated")[0].as_py()
 
 
+def test_tokenizer_of_a_remote_code_model_loads_only_when_trusted(tiny_bert, tmp_path):
+    """A model folder whose tokenizer class is its own code (``auto_map``; here it drops [CLS]/[SEP]): the Tokenizer
+    that loads it in the actor (no serialised backend handed over) uses that code when trusted, as transformers'
+    own load does, and not otherwise (transformers then falls back to BERT's tokenizer for a BERT config)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "my_tokenizer.py").write_text(
+        "from tokenizers import processors\nfrom transformers import PreTrainedTokenizerFast\n\n\n"
+        "class MyTokenizer(PreTrainedTokenizerFast):\n    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        self.backend_tokenizer.post_processor = processors.TemplateProcessing(\n"
+        "            single='$A', special_tokens=[])\n"
+    )
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(auto_map={"AutoTokenizer": [None, "my_tokenizer.MyTokenizer"]}, tokenizer_class="MyTokenizer")
+    cfg_path.write_text(json.dumps(cfg))
+    info = inspect_model(str(folder), trust_remote_code=True)
+    trusted = Tokenizer(TokenizeConfig(model=info, max_length=16, trust_remote_code=True))(_batch(TEXTS[:2]))
+    want = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)(TEXTS[:2])["input_ids"]
+    assert trusted.column("input_ids").to_pylist() == want
+    plain = Tokenizer(TokenizeConfig(model=info, max_length=16))(_batch(TEXTS[:2])).column("input_ids").to_pylist()
+    assert plain == AutoTokenizer.from_pretrained(str(folder))(TEXTS[:2])["input_ids"] != want
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
 def test_embedder_matches_unbatched_reference_whatever_the_batching(tiny_bert, pooling):
     info = inspect_model(tiny_bert)
