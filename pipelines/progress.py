@@ -35,7 +35,7 @@ DEFAULT_INTERVAL_S = 15.0
 RATE_WINDOW = 8  # samples the rate is averaged over: recent enough to follow a change of speed, not jumpy
 TIMELINE_POINTS = 1024  # (time, rows) points kept per stage: a billion-row run's timeline stays a few tens of KB
 STEADY_WINDOW = (0.1, 0.9)  # the part of a stage's rows its steady rate is taken over: no start-up, no drain
-MIN_STEADY_POINTS = 4  # blocks in that window, at least, for a rate (a few per replica make it trustworthy)
+MIN_STEADY_POINTS = 5  # bunches of blocks in that window, at least, for a rate
 
 
 class RowCounter:
@@ -71,20 +71,37 @@ def thinned(points: list) -> list:
     return points[:-1:2] + points[-1:]
 
 
-def steady_rate(points: list[tuple[float, int]], window: tuple[float, float] = STEADY_WINDOW) -> float | None:
-    """Rows/s of a stage once running: the least-squares slope of rows over time through the blocks that passed
-    between ``window[0]`` and ``window[1]`` of its rows. This leaves out the start (actors starting, models loading,
-    the first batches filling the pipeline) and the drain (the last blocks, with replicas idle), which a rate over
-    the whole run mixes in, and which do not grow with the input.
+def bunched(points: list[tuple[float, int]], gap: float) -> list[tuple[float, int]]:
+    """One point per bunch of blocks that passed within ``gap`` seconds of the bunch's first (the bunch's last
+    point): a model task's output blocks, or replicas that finish together, reach the counter at once."""
+    out: list[tuple[float, int]] = []
+    start = None
+    for t, n in points:
+        if out and t - start < gap:
+            out[-1] = (t, n)
+        else:
+            out.append((t, n))
+            start = t
+    return out
 
-    A slope, not (rows between the window's ends) / (time between them): replicas that started together deliver
-    their blocks in bunches, and a window that starts at the last block of a bunch and ends at the first of one
-    is off by a block per bunch (8% on a 14k-row run of two replicas); a line through every point is not.
-    None when the window holds fewer than ``MIN_STEADY_POINTS`` blocks, or no time passed between them."""
-    if not points:
+
+def steady_rate(points: list[tuple[float, int]], window: tuple[float, float] = STEADY_WINDOW) -> float | None:
+    """Rows/s of a stage once running: the least-squares slope of rows over time through the points between
+    ``window[0]`` and ``window[1]`` of its rows, one point per bunch of blocks (``bunched``, within 1% of the
+    stage's duration). This leaves out the start (actors starting, models loading, the first batches filling the
+    pipeline) and the drain (the last blocks, with replicas idle), which a rate over the whole run mixes in, and
+    which do not grow with the input.
+
+    Bunches, and a slope rather than (rows between the window's ends) / (time between them): replicas that started
+    together deliver their blocks together, and a window that starts at the last block of a bunch and ends at the
+    first of one is off by a bunch (8% on a 14k-row run of two replicas), while blocks seconds apart inside one
+    bunch would make a slope of thousands of rows/s. None when the window holds fewer than ``MIN_STEADY_POINTS``
+    bunches: a run of a few model tasks has no steady state to measure."""
+    if len(points) < 2:
         return None
     total = points[-1][1]
-    inside = [(t, n) for t, n in points if window[0] * total <= n <= window[1] * total]
+    span = points[-1][0] - points[0][0]
+    inside = [(t, n) for t, n in bunched(points, 0.01 * span) if window[0] * total <= n <= window[1] * total]
     if len(inside) < MIN_STEADY_POINTS:
         return None
     t = np.array([p[0] for p in inside]) - inside[0][0]  # epoch seconds are too large to square in float64 safely
