@@ -55,9 +55,10 @@ class EmbedConfig:
     max_rows: int = 256  # rows per forward pass
     batch_size: int = 1024  # rows per actor call: the pool rows are length-sorted within
     replicas: int = 1
+    replicas_per_node: int | None = None  # the replicas sharing one node's cores; default: all of them
     num_gpus: float = 0.0  # per replica; fractional shares a GPU between replicas
     num_cpus: float = 1.0
-    torch_threads: int | None = None  # CPU only; default: the node's cores split between local replicas
+    torch_threads: int | None = None  # CPU only; default: the node's cores split between its replicas
     columns: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -79,6 +80,9 @@ class EmbedConfig:
             raise ValueError(f"dims must be distinct, got {list(self.dims)}")
         if self.max_tokens < 1 or self.max_rows < 1 or self.batch_size < 1 or self.replicas < 1:
             raise ValueError("max_tokens, max_rows, batch_size and replicas must be >= 1")
+        if self.replicas_per_node is not None and not 1 <= self.replicas_per_node <= self.replicas:
+            raise ValueError(f"replicas_per_node must be in 1..replicas ({self.replicas}), got "
+                             f"{self.replicas_per_node}")  # fmt: skip
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ValueError(f"num_gpus and num_cpus must be >= 0, got {self.num_gpus}, {self.num_cpus}")
         if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
@@ -116,7 +120,7 @@ class Embedder:
         self.device = select_device(cfg.device, cfg.num_gpus)
         self.threads = None
         if self.device == "cpu":
-            self.threads = cpu_threads(cfg.torch_threads, cfg.replicas)
+            self.threads = cpu_threads(cfg.torch_threads, cfg.replicas_per_node or cfg.replicas)
             torch.set_num_threads(self.threads)
         self.model = load_model(
             cfg.model,

@@ -200,12 +200,12 @@ def pipeline_replicas(settings: dict, texts: list[str]) -> int:
 
     from operators.model import node_cpus
     from pipelines.embed import EmbedJobConfig, plan
-    from pipelines.runtime import cluster_cpus
+    from pipelines.runtime import cluster_cpu_nodes
 
-    cpus = cluster_cpus() if ray.is_initialized() else node_cpus()
+    nodes = cluster_cpu_nodes() if ray.is_initialized() else (float(node_cpus()),)
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as tmp:
         job = EmbedJobConfig(**settings, input=_write_copies(texts, 1, Path(tmp)))
-        return plan(job, gpus_in_cluster=_gpus(settings), cpus_in_cluster=cpus).embed.replicas
+        return plan(job, gpus_in_cluster=_gpus(settings), cpu_nodes=nodes).embed.replicas
 
 
 def bench_raw_forward(texts: list[str], settings: dict, peak: float | None, replicas: int = 1) -> dict:

@@ -21,7 +21,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
-from pipelines.runtime import cluster_cpus, replicas_for
+from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class EmbedJobConfig(StorageSettings):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     num_gpus: float | None = None  # per replica; default: 1 when the cluster has GPUs, else 0 (CPU)
-    replicas: Replicas = None  # model replicas; default: all GPUs / num_gpus, or one per CPU up to 4 (CPU)
+    replicas: Replicas = None  # model replicas; default: all GPUs / num_gpus, or one per CPU up to 4 a node (CPU)
     # Padded tokens / rows per forward pass. Defaults, from measurements (tests/gpu/h200-2026-11-29.json):
     # GPU 65536 / 2048 (H200, bf16: Qwen2-0.5B-shaped 231k tokens/s at 65536 vs 147k at 16384; lower it for a large
     # model on a small GPU); CPU 2048 / 64, where small batches stay in cache (all-MiniLM-L6-v2 on 2 cores: 67 rows/s
@@ -135,11 +135,12 @@ def prompt_for(job: EmbedJobConfig) -> str | None:
     return template.replace("{task}", job.task) if template else None
 
 
-def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_cluster: float | None = None,
+def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes: tuple[float, ...] | None = None,
          inp: InputFiles | None = None) -> EmbedPlan:  # fmt: skip
     """Resolve defaults and check everything that can be checked without Ray: paths, columns, model, ranges.
 
-    ``gpus_in_cluster``/``cpus_in_cluster``: the Ray cluster's, which size the model pool (``replicas_for``).
+    ``gpus_in_cluster``/``cpu_nodes``: the Ray cluster's GPUs and each node's CPUs, which size the model pool
+    (``replicas_for``) and a CPU replica's torch threads (``replicas_per_node``).
 
     ``inp``: the input already resolved by an earlier plan of the same job, so files are not listed twice.
     """
@@ -158,8 +159,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_c
         num_gpus = job.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if (gpus_in_cluster or 0) > 0 else 0.0
-        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas", cpus_in_cluster,
-                                inp.total_bytes)  # fmt: skip
+        replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas", cpu_nodes, inp.total_bytes)
         batch_size = job.batch_size or (8192 if num_gpus > 0 else CPU_BATCH_ROWS)
         max_length = job.max_length or info.st_max_seq_length or min(512, info.max_positions or 512)
         tokenize = TokenizeConfig(
@@ -189,6 +189,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpus_in_c
             **forward_limits(num_gpus, job.max_tokens, job.max_rows),
             batch_size=batch_size,
             replicas=replicas,
+            replicas_per_node=replicas_per_node(replicas, cpu_nodes),
             num_gpus=num_gpus,
             num_cpus=job.embed_num_cpus if job.embed_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
         )
@@ -314,7 +315,7 @@ def run(job: EmbedJobConfig) -> dict:
     resolved = {}
 
     def build(out, gpus):
-        q = plan(job, gpus_in_cluster=gpus, cpus_in_cluster=cluster_cpus(), inp=p.input)
+        q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
         sink = RowSink(
             out.root,

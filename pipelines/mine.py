@@ -127,7 +127,7 @@ class MineJobConfig(StorageSettings, SelectionSettings):
     search_batch: int = 1024  # queries per search call
     miners: int = 2  # QueryMiner actors (each fans its batches out to every shard)
     num_gpus: float | None = None  # per student replica; default: 1 when the cluster has GPUs, else 0 (CPU)
-    replicas: Replicas = None  # student replicas; default: all GPUs / num_gpus, or one per CPU up to 4 (CPU)
+    replicas: Replicas = None  # student replicas; default: all GPUs / num_gpus, or one per CPU up to 4 a node (CPU)
     teacher_num_gpus: float | None = None  # per teacher replica; default: as num_gpus
     teacher_replicas: Replicas = None  # default: all GPUs / teacher_num_gpus, or 1 on CPU
     overwrite: bool = False

@@ -46,7 +46,7 @@ def ray_session(address: str | None = None):
 AUTO = "auto"
 
 
-# CPU model replicas per cluster, at most: one replica per core up to this, torch threads splitting the rest.
+# CPU model replicas per node, at most: one replica per core up to this, torch threads splitting the rest.
 # A replica whose threads share a parallel region loses more than its share when any other process (a tokenizer, a
 # read task, Ray's own) takes a core for a moment: every thread waits at the region's barrier for the preempted one.
 # Measured on 2 cores with 8% of the machine taken by another process: one 2-thread replica lost 13.5%, two
@@ -59,11 +59,11 @@ CPU_BYTES_PER_REPLICA = 128 * 2**10
 
 
 def replicas_for(requested: int | str | None, num_gpus: float, gpus_in_cluster: float | None, flag: str,
-                 cpus_in_cluster: float | None = None, input_bytes: int | None = None) -> int:  # fmt: skip
+                 cpu_nodes: tuple[float, ...] | None = None, input_bytes: int | None = None) -> int:  # fmt: skip
     """A model stage's pool size. ``auto`` (or unset) follows the cluster: every GPU it has, ``num_gpus`` each
-    (0.25 -> four replicas per GPU); on CPU one replica per CPU up to ``MAX_CPU_REPLICAS`` (one when the CPUs are
-    not known yet) and one per ``CPU_BYTES_PER_REPLICA`` of ``input_bytes`` (where known), each with the node's
-    cores / replicas torch threads.
+    (0.25 -> four replicas per GPU); on CPU, on each node of ``cpu_nodes`` (the CPUs of each node) one replica per
+    CPU up to ``MAX_CPU_REPLICAS`` (one in all when the nodes are not known yet), and at most one per
+    ``CPU_BYTES_PER_REPLICA`` of ``input_bytes`` (where known).
     A number is taken as is: on an autoscaling cluster with no GPU node up yet, Ray then waits for the nodes
     the pool needs instead of sizing the pool from an empty cluster.
     """
@@ -72,8 +72,9 @@ def replicas_for(requested: int | str | None, num_gpus: float, gpus_in_cluster: 
             raise ValueError(f"{flag.lstrip('-').replace('-', '_')} must be >= 1 or 'auto', got {requested}")
         return int(requested)
     if num_gpus <= 0:
-        by_input = MAX_CPU_REPLICAS if input_bytes is None else input_bytes // CPU_BYTES_PER_REPLICA
-        return max(1, min(MAX_CPU_REPLICAS, int(cpus_in_cluster or 1), by_input))
+        by_nodes = sum(max(1, min(MAX_CPU_REPLICAS, int(c))) for c in cpu_nodes) if cpu_nodes else 1
+        by_input = by_nodes if input_bytes is None else input_bytes // CPU_BYTES_PER_REPLICA
+        return max(1, min(by_nodes, by_input))
     if gpus_in_cluster == 0:
         # Ray would wait forever for a GPU actor that no node can hold.
         raise ValueError(
@@ -83,13 +84,21 @@ def replicas_for(requested: int | str | None, num_gpus: float, gpus_in_cluster: 
     return max(1, int((gpus_in_cluster or 0) // num_gpus))
 
 
+def replicas_per_node(replicas: int, cpu_nodes: tuple[float, ...] | None) -> int:
+    """Replicas that share one node's cores (their torch threads split them): Ray Data spreads a pool's actors
+    over the nodes (its SPREAD default), so ``replicas`` over the nodes, rounded up; all of them where the nodes
+    are not known."""
+    return -(-replicas // len(cpu_nodes)) if cpu_nodes else replicas
+
+
 def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def cluster_cpus() -> float:
+def cluster_cpu_nodes() -> tuple[float, ...]:
+    """The CPUs of each alive node that has any."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 0))
+    return tuple(float(n["Resources"]["CPU"]) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU"))

@@ -58,13 +58,23 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     # CPU: one replica per CPU up to four, at most one per 128 KiB of input (the bundled corpus is 398 KB: three),
     # and one tokenizer for them all
     for cpus, replicas in ((1, 1), (2, 2), (3, 3), (16, 3)):
-        c = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=0, cpus_in_cluster=cpus)
+        c = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=0, cpu_nodes=(cpus,))
         assert (c.embed.replicas, c.tokenize.replicas, c.embed.num_gpus) == (replicas, 1, 0)
     from pipelines import defaults
 
     queries = EmbedJobConfig(model=tiny_bert, input=str(defaults.SAMPLE_QUERIES), id_column="query_id",
                              text_column="query")  # fmt: skip
-    assert plan(queries, gpus_in_cluster=0, cpus_in_cluster=16).embed.replicas == 1  # 12 KB: one call's worth
+    assert plan(queries, gpus_in_cluster=0, cpu_nodes=(16,)).embed.replicas == 1  # 12 KB: one call's worth
+    # Several CPU nodes: up to four replicas on each, spread by Ray, so the torch threads split a node's cores
+    # between its own share of the pool, not the whole pool's.
+    from pipelines.runtime import replicas_for, replicas_per_node
+
+    assert replicas_for(None, 0.0, 0, "--replicas", (16.0, 16.0, 2.0)) == 10
+    assert replicas_for(None, 0.0, 0, "--replicas", (16.0, 16.0, 2.0), input_bytes=3 * 2**17) == 3
+    assert replicas_for(None, 0.0, 0, "--replicas", None) == 1  # nodes not known yet: the plan before Ray starts
+    assert (replicas_per_node(10, (16.0, 16.0, 2.0)), replicas_per_node(3, None)) == (4, 3)
+    two_nodes = plan(EmbedJobConfig(model=tiny_bert, max_length=32), gpus_in_cluster=0, cpu_nodes=(16.0, 16.0))
+    assert (two_nodes.embed.replicas, two_nodes.embed.replicas_per_node) == (3, 2)  # the corpus caps it at 3
     from pipelines.embed import block_mb_for
 
     assert (block_mb_for(None, 0.0), block_mb_for(None, 0.25), block_mb_for(2.0, 0.0)) == (0.5, 8.0, 2.0)
@@ -83,9 +93,9 @@ def test_replicas_auto_follows_the_cluster_and_a_number_is_kept(tmp_path, tiny_b
     assert plan(job, gpus_in_cluster=3).tokenize.replicas == 12
     cpu = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto"])
     assert plan(cpu, gpus_in_cluster=0).embed.replicas == 1  # CPUs not known yet (the plan before Ray starts)
-    assert plan(cpu, gpus_in_cluster=0, cpus_in_cluster=2).embed.replicas == 2
+    assert plan(cpu, gpus_in_cluster=0, cpu_nodes=(2,)).embed.replicas == 2
     assert plan(fixed_cpu := EmbedJobConfig(model=tiny_bert, replicas=3), gpus_in_cluster=0,
-                cpus_in_cluster=16).embed.replicas == fixed_cpu.replicas  # fmt: skip
+                cpu_nodes=(16,)).embed.replicas == fixed_cpu.replicas  # fmt: skip
     fixed = _load(tmp_path, f"model: {tiny_bert}\nreplicas: auto\n", ["--replicas", "5"])
     assert fixed.replicas == 5 and plan(fixed, gpus_in_cluster=2).embed.replicas == 5  # the flag beats YAML
     with pytest.raises(ConfigError, match="replicas must be >= 1 or 'auto', got 0"):
