@@ -13,7 +13,6 @@ stage that stops moving (``faults.stall_s``): the driver is interrupted and ``tr
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import signal
@@ -191,12 +190,15 @@ def parquet_rows(inp: InputFiles, files: list[str]) -> int | None:
 
 
 def _interrupt_driver() -> None:
-    """Raise KeyboardInterrupt in the main thread, which waits inside Ray Data. A real SIGINT to that thread, not
-    only ``_thread.interrupt_main``: the flag alone is seen at the next bytecode, and a thread blocked on a lock
-    runs none until the signal wakes it."""
-    _thread.interrupt_main()
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    """Raise KeyboardInterrupt in the main thread, which waits inside Ray Data: a real SIGINT to that thread, since
+    a flag alone (``_thread.interrupt_main``) is seen at the next bytecode, and a thread blocked on a lock runs none
+    until a signal wakes it. Sent whatever Python handler is installed (Python's own, or one an application or Ray
+    set), never where SIGINT is ignored or left to the OS, which would end the process."""
+    if callable(signal.getsignal(signal.SIGINT)):
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+REINTERRUPT_S = 10.0  # a stalled stage's driver is interrupted again this often until the stage has ended
 
 
 class Tracker:
@@ -282,6 +284,13 @@ class Tracker:
                     self.stalled = True
                     logger.error("%s", self.stall_message())
                     _interrupt_driver()
+                # Again until the stage has ended: a handler may defer or drop the first (Ray defers SIGINT in
+                # some of its calls). ``track`` sets _stop under the lock as soon as it has the interrupt.
+                while not self._stop.wait(REINTERRUPT_S):
+                    with self.lock:
+                        if self._stop.is_set():
+                            return
+                        _interrupt_driver()
                 return
 
 
@@ -310,6 +319,8 @@ def track(stage: str, count_total):
                     logger.debug("progress poll failed: %s", e)
         tracker.finish()
     except KeyboardInterrupt:
+        with tracker.lock:
+            tracker._stop.set()  # no further interrupt from the watchdog
         if tracker.stalled:  # the interrupt came from the watchdog, not from the user
             raise StallError(tracker.stall_message()) from None
         raise
