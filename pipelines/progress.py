@@ -39,35 +39,42 @@ MIN_STEADY_POINTS = 5  # bunches of blocks in that window, at least, for a rate
 
 class RowCounter:
     """Ray actor: rows that passed each stage's counting step, by stage key, and each stage's timeline of
-    (seconds since the epoch, rows so far) at every block that passed. One per driver and Ray session
-    (``_session_counter``), since an actor costs a worker process start and a run has many stages."""
+    (seconds since the epoch, rows so far): a point every ``stride`` blocks, the stride doubling whenever the
+    timeline passes 2 x TIMELINE_POINTS, so it stays bounded and evenly spread over the whole run, each point a true
+    count. One per driver and Ray session (``_session_counter``), since an actor costs a worker process start and a
+    run has many stages."""
 
     def __init__(self):
         self.rows: dict[str, int] = {}
         self.timelines: dict[str, list[tuple[float, int]]] = {}
+        self.blocks: dict[str, int] = {}
+        self.strides: dict[str, int] = {}
+        self.last: dict[str, tuple[float, int]] = {}
 
     def add(self, key: str, n: int) -> None:
         self.rows[key] = self.rows.get(key, 0) + n
-        line = self.timelines.setdefault(key, [])
-        line.append((time.time(), self.rows[key]))  # one clock (this actor's) for every block of the stage
-        if len(line) > 2 * TIMELINE_POINTS:
-            line[:] = thinned(line)
+        point = self.last[key] = (time.time(), self.rows[key])  # one clock (this actor's) for the whole stage
+        self.blocks[key] = self.blocks.get(key, 0) + 1
+        stride = self.strides.get(key, 1)
+        if self.blocks[key] % stride == 0:
+            line = self.timelines.setdefault(key, [])
+            line.append(point)
+            if len(line) > 2 * TIMELINE_POINTS:
+                line[:] = line[1::2]  # the points at multiples of the doubled stride
+                self.strides[key] = 2 * stride
 
     def get(self, key: str) -> int:
         return self.rows.get(key, 0)
 
     def timeline(self, key: str) -> list[tuple[float, int]]:
-        return self.timelines.get(key, [])
+        """The kept points and the latest block's (the stage's total so far)."""
+        line = self.timelines.get(key, [])
+        last = self.last.get(key)
+        return line + [last] if last is not None and (not line or line[-1] != last) else list(line)
 
     def forget(self, key: str) -> None:
-        self.rows.pop(key, None)
-        self.timelines.pop(key, None)
-
-
-def thinned(points: list) -> list:
-    """Every other point, the last kept: the timeline stays bounded and evenly spread over the whole run (each
-    point is still a true (time, rows) of the stage, so rates between kept points stay exact)."""
-    return points[:-1:2] + points[-1:]
+        for d in (self.rows, self.timelines, self.blocks, self.strides, self.last):
+            d.pop(key, None)
 
 
 def bunched(points: list[tuple[float, int]], gap: float) -> list[tuple[float, int]]:
@@ -245,12 +252,13 @@ class Tracker:
         return done
 
     def finish(self) -> None:
-        """The stage's steady rate from its timeline (None if the counter is gone: progress is a convenience)."""
+        """The stage's steady rate from its timeline (None if the counter cannot be asked: progress is a
+        convenience, and a finished job must not fail for it)."""
         import ray
 
         try:
             self.steady_rows_per_s = steady_rate(ray.get(self.counter.timeline.remote(self.key)))
-        except ray.exceptions.RayActorError as e:
+        except Exception as e:  # noqa: BLE001 - the stage has finished; only its steady rate is missing
             logger.debug("no timeline for %s: %s", self.stage, e)
 
     def stall_message(self) -> str:
