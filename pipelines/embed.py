@@ -128,6 +128,7 @@ class EmbedPlan:
     validate: ValidateConfig
     tokenize: TokenizeConfig
     embed: EmbedConfig
+    block_mb: float  # the job's, or the CPU / GPU default (``block_mb_for``)
 
 
 def prompt_for(job: EmbedJobConfig) -> str | None:
@@ -197,7 +198,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes
                                   id_shards=id_shards_for(inp.total_bytes))  # fmt: skip
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
-    return EmbedPlan(job, inp, job.output_uri(), validate, tokenize, embed)
+    return EmbedPlan(job, inp, job.output_uri(), validate, tokenize, embed, block_mb_for(job.block_mb, num_gpus))
 
 
 TARGET_FILE_BYTES = 128 * 2**20
@@ -256,7 +257,7 @@ def build_dataset(p: EmbedPlan, out: Output):
     from ray.data import ActorPoolStrategy, DataContext
 
     job, inp = p.job, p.input
-    DataContext.get_current().target_max_block_size = int(block_mb_for(job.block_mb, p.embed.num_gpus) * 2**20)
+    DataContext.get_current().target_max_block_size = int(p.block_mb * 2**20)
     columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
     # Two read tasks per model replica keep its tokenizer fed (one streams thousands of rows/s) while bounding the
     # memory that reads hold (operators.io.read_input): memory then follows the cluster, not the number of files.
@@ -350,7 +351,7 @@ def run(job: EmbedJobConfig) -> dict:
                 "num_gpus": q.embed.num_gpus,
                 "replicas": q.embed.replicas,
                 "max_tokens": q.embed.max_tokens,
-                "block_mb": block_mb_for(job.block_mb, q.embed.num_gpus),
+                "block_mb": q.block_mb,
             },
         }
 
