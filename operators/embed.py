@@ -25,7 +25,16 @@ from operators.model import (
     select_device,
     to_device,
 )
-from operators.pooling import POOLINGS, l2_normalize, matryoshka, pad_flat, plan_token_batches, pool, select_rows
+from operators.pooling import (
+    POOLINGS,
+    flatten,
+    l2_normalize,
+    matryoshka,
+    pad_flat,
+    plan_token_batches,
+    pool,
+    select_rows,
+)
 from operators.tokenize import TOKEN_COLUMNS
 from operators.validate import REJECT_COLUMN
 
@@ -166,13 +175,9 @@ class Embedder:
             out[order] = self.torch.cat([p for _, p in parts]).cpu().numpy()  # the one synchronising copy
         return out
 
-    def pooled(self, ids: list[np.ndarray]) -> np.ndarray:
-        """N arrays of token ids -> pooled [N, H] float32, in input order (the teacher's entry point)."""
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.concatenate(ids).astype(np.int32, copy=False) if ids else np.zeros(0, np.int32)
-        return self.pooled_flat(values, offsets)
+    def pooled(self, ids: list) -> np.ndarray:
+        """N sequences of token ids -> pooled [N, H] float32, in input order (the teacher's entry point)."""
+        return self.pooled_flat(*flatten(ids))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg

@@ -5,6 +5,8 @@ Kept free of Ray and model code so each rule is tested against a hand computatio
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -67,15 +69,12 @@ def plan_token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> l
     return batches
 
 
-def pad_ids(ids: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """B arrays of token ids -> tokens [B, L] int64 right-padded with pad_id, attention mask [B, L] int64."""
-    longest = max(len(x) for x in ids)
-    tokens = np.full((len(ids), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), longest), dtype=np.int64)
-    for r, x in enumerate(ids):
-        tokens[r, : len(x)] = x
-        mask[r, : len(x)] = 1
-    return tokens, mask
+def flatten(ids: list) -> tuple[np.ndarray, np.ndarray]:
+    """N sequences of token ids -> (values [T] int32 back to back, offsets [N + 1] int64), the form ``pad_flat``
+    pads from. One pass over the ids; no per-row array."""
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1])), offsets
 
 
 def pad_flat(

@@ -37,7 +37,7 @@ from operators.model import (
     select_device,
     to_device,
 )
-from operators.pooling import POOLINGS, l2_normalize, pad_ids, plan_token_batches
+from operators.pooling import POOLINGS, flatten, l2_normalize, pad_flat, plan_token_batches
 from operators.tokenize import apply_prompt
 from operators.validate import REJECT_COLUMN, typed_table
 
@@ -73,6 +73,7 @@ class TeacherConfig:
     max_rows: int = 64
     batch_size: int = 256  # rows per actor call
     replicas: int = 1
+    replicas_per_node: int | None = None  # the replicas sharing one node's cores (CPU threads); default: all
     num_gpus: float = 0.0
     num_cpus: float = 0.5
     torch_threads: int | None = None
@@ -84,6 +85,9 @@ class TeacherConfig:
     def __post_init__(self):
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if self.replicas_per_node is not None and not 1 <= self.replicas_per_node <= self.replicas:
+            raise ValueError(f"replicas_per_node must be in 1..replicas ({self.replicas}), got "
+                             f"{self.replicas_per_node}")  # fmt: skip
         for name, value, valid in (
             ("kind", self.kind, KINDS),
             ("activation", self.activation, ACTIVATIONS),
@@ -114,6 +118,7 @@ class TeacherConfig:
             max_tokens=self.max_tokens,
             max_rows=self.max_rows,
             replicas=self.replicas,
+            replicas_per_node=self.replicas_per_node,
             num_gpus=self.num_gpus,
             num_cpus=self.num_cpus,
             torch_threads=self.torch_threads,
@@ -193,8 +198,9 @@ class TeacherScorer:
             self.cache = VectorCache(int(cfg.cache_mb * 2**20))
         else:
             self.device = select_device(cfg.device, cfg.num_gpus)
-            self.threads = cpu_threads(cfg.torch_threads, cfg.replicas) if self.device == "cpu" else None
-            if self.threads:
+            self.threads = None
+            if self.device == "cpu":
+                self.threads = cpu_threads(cfg.torch_threads, cfg.replicas_per_node or cfg.replicas)
                 torch.set_num_threads(self.threads)
             self.model = load_model(
                 cfg.model,
@@ -207,8 +213,8 @@ class TeacherScorer:
             # BERT-style cross-encoders need segment ids for the document half; MPNet, XLM-R... take none.
             self.uses_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
 
-    def _ids(self, texts: list) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(texts)] if texts else []
+    def _ids(self, texts: list) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)] if texts else []
 
     def _bi_scores(self, queries: list[str], docs: list[str]) -> np.ndarray:
         """Cosine of each (query, doc) pair [P]; each distinct text embedded once."""
@@ -229,13 +235,14 @@ class TeacherScorer:
                 self.cache.put(texts[i], v.copy())  # a row view would keep the whole batch alive
         return np.stack(found) if found else np.zeros((0, 0), dtype=np.float32)
 
-    def _cross_forward(self, encs: list) -> np.ndarray:
-        ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
-        tokens, mask = pad_ids(ids)
-        inputs = dict(zip(("input_ids", "attention_mask"), to_device(self.device, tokens, mask)))
-        if self.uses_token_types:
-            types, _ = pad_ids([np.asarray(e.type_ids, dtype=np.int64) for e in encs])
-            (inputs["token_type_ids"],) = to_device(self.device, types)
+    def _cross_forward(self, ids: tuple, types: tuple | None, rows: np.ndarray) -> np.ndarray:
+        """Logits of pairs ``rows`` of the flat ids (and segment ids) -> [B] float32."""
+        tokens, lengths = pad_flat(*ids, rows)
+        t_tokens, t_lengths = to_device(self.device, tokens, lengths)
+        positions = self.torch.arange(tokens.shape[1], device=t_tokens.device)
+        inputs = {"input_ids": t_tokens, "attention_mask": (positions[None, :] < t_lengths[:, None]).long()}
+        if types is not None:
+            (inputs["token_type_ids"],) = to_device(self.device, pad_flat(*types, rows)[0])
         with self.torch.inference_mode():
             logits = self.model(**inputs).logits[:, 0].float()
             if self.cfg.activation == "sigmoid":
@@ -251,10 +258,12 @@ class TeacherScorer:
         t = self.cfg.pair_template
         inputs = [t.replace("{query}", q).replace("{document}", d) for q, d in unique] if t else unique
         encs = self.tokenizer.encode_batch(inputs)
+        # Flat once per call, padded per forward batch by array indexing (as the Embedder), no loop over rows.
+        ids = flatten([e.ids for e in encs])
+        types = flatten([e.type_ids for e in encs]) if self.uses_token_types else None
         scores = np.zeros(len(unique), dtype=np.float32)
-        lengths = np.array([len(e.ids) for e in encs])
-        for group in plan_token_batches(lengths, self.cfg.max_tokens, self.cfg.max_rows):
-            scores[group] = self._cross_forward([encs[i] for i in group])
+        for group in plan_token_batches(np.diff(ids[1]), self.cfg.max_tokens, self.cfg.max_rows):
+            scores[group] = self._cross_forward(ids, types, group)
         return scores[[index[p] for p in zip(queries, docs)]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -48,7 +48,7 @@ from pipelines import defaults, embed
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.faults import INDEX_ACTOR, POOL_ACTOR, StallError, stall_s
 from pipelines.job import execute, stage_row
-from pipelines.runtime import cluster_gpus, ray_session
+from pipelines.runtime import cluster_cpu_nodes, cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def _teacher(job: MineJobConfig):
                               num_gpus=job.num_gpus if job.teacher_num_gpus is None else job.teacher_num_gpus,
                               replicas=job.teacher_replicas, batch_size=min(job.search_batch, 64))  # fmt: skip
     info = inspect_model(job.teacher, storage=job.storage())
-    return score.teacher_config(sj, info, cluster_gpus())
+    return score.teacher_config(sj, info, cluster_gpus(), cluster_cpu_nodes())
 
 
 def _index_source(job: MineJobConfig, sources: list[tuple[dict, str, str]]) -> dict:
@@ -583,8 +583,9 @@ def _text_store(job, inputs: Inputs) -> list:
 
 
 def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024):
-    return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts}, batch_size=batch_size,
-                          compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False, **POOL_ACTOR)  # fmt: skip
+    return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts},
+                          batch_size=batch_size, compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False,
+                          **POOL_ACTOR)  # fmt: skip
 
 
 def _cpu_pool():

@@ -23,7 +23,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.embed import forward_limits
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
-from pipelines.runtime import replicas_for
+from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +109,11 @@ OUTPUT_SETTINGS = (
 )  # fmt: skip
 
 
-def teacher_config(job: ScoreJobConfig, info, gpus_in_cluster: float | None) -> TeacherConfig:
+def teacher_config(job: ScoreJobConfig, info, gpus_in_cluster: float | None,
+                   cpu_nodes: tuple[float, ...] | None = None) -> TeacherConfig:  # fmt: skip
     """The teacher's resolved settings (placement, prompt, limits) from a job's settings; ``kalm mine`` uses it
-    too, through a ScoreJobConfig of its teacher settings."""
+    too, through a ScoreJobConfig of its teacher settings. ``cpu_nodes`` (the CPUs of each node, once Ray is up)
+    sets how many CPU replicas share a node's cores; the CPU pool itself stays one replica unless asked."""
     num_gpus = job.num_gpus if job.num_gpus is not None else (1.0 if (gpus_in_cluster or 0) > 0 else 0.0)
     replicas = replicas_for(job.replicas, num_gpus, gpus_in_cluster, "--replicas")
     query_prompt = job.query_prompt
@@ -138,13 +140,15 @@ def teacher_config(job: ScoreJobConfig, info, gpus_in_cluster: float | None) -> 
         **forward_limits(num_gpus, job.max_tokens, job.max_rows),
         batch_size=job.batch_size,
         replicas=replicas,
+        replicas_per_node=replicas_per_node(replicas, cpu_nodes) if num_gpus <= 0 else None,
         num_gpus=num_gpus,
         num_cpus=job.scorer_num_cpus if job.scorer_num_cpus is not None else (1.0 if num_gpus > 0 else 0.5),
     )
     return teacher
 
 
-def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: InputFiles | None = None) -> ScorePlan:
+def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes: tuple[float, ...] | None = None,
+         inp: InputFiles | None = None) -> ScorePlan:  # fmt: skip
     """Resolve defaults and check everything that needs no cluster: input columns, teacher, ranges."""
     try:
         info = inspect_model(
@@ -173,7 +177,7 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, inp: Inpu
         if missing:
             hint = "" if ids else " (for ID-keyed rows, also give --queries and --corpus)"
             raise InputError(f"{inp.files[0]}: missing column(s) {missing}; columns found: {found}{hint}")
-        teacher = teacher_config(job, info, gpus_in_cluster)
+        teacher = teacher_config(job, info, gpus_in_cluster, cpu_nodes)
         rows = TrainingRowsConfig(query_column=job.query_column, pos_column=job.pos_column, neg_column=job.neg_column)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
@@ -234,7 +238,7 @@ def run(job: ScoreJobConfig) -> dict:
     resolved = {}
 
     def build(out, gpus):
-        q = plan(job, gpus_in_cluster=gpus, inp=p.input)
+        q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
         sink = RowSink(
             out.root,

@@ -141,3 +141,21 @@ def test_gpus_asked_on_a_cluster_without_gpus_fails_instead_of_hanging(tiny_bert
         plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=1, replicas=2), gpus_in_cluster=0).embed.replicas
         == 2
     )
+
+
+def test_teacher_cpu_threads_split_a_node_between_its_replicas_only(tiny_bert):
+    """A CPU teacher pool spread over nodes splits each node's cores between the replicas on that node (as the
+    embedder); on GPU it does not apply."""
+    from operators.model import inspect_model
+    from operators.teacher import TeacherConfig
+    from pipelines.score import ScoreJobConfig, teacher_config
+
+    info = inspect_model(tiny_bert)
+    four = ScoreJobConfig(teacher=tiny_bert, num_gpus=0, replicas=4)
+    assert teacher_config(four, info, 0, cpu_nodes=(8.0, 8.0)).replicas_per_node == 2
+    assert teacher_config(four, info, 0, cpu_nodes=(8.0, 8.0)).embed_config().replicas_per_node == 2
+    assert teacher_config(four, info, 0).replicas_per_node == 4  # nodes not known: all of them share
+    assert teacher_config(ScoreJobConfig(teacher=tiny_bert, num_gpus=1), info, 2).replicas_per_node is None
+    with pytest.raises(ValueError, match="replicas_per_node must be in 1..replicas"):
+        TeacherConfig(model=info, replicas=2, replicas_per_node=3)
+

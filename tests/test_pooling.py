@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.pooling import l2_normalize, matryoshka, pad_flat, plan_token_batches, pool, select_rows
+from operators.pooling import flatten, l2_normalize, matryoshka, pad_flat, plan_token_batches, pool, select_rows
 
 HIDDEN = torch.tensor(
     [
@@ -90,6 +90,13 @@ def test_pad_flat_hand_example():
     assert tokens.tolist() == [[5, 0, 0, 0]]
 
 
+def test_flatten_hand_example():
+    values, offsets = flatten([[7, 8, 9], [], (5,)])  # lists, an empty row, any sequence
+    assert values.tolist() == [7, 8, 9, 5] and values.dtype == np.int32 and offsets.tolist() == [0, 3, 3, 4]
+    values, offsets = flatten([])
+    assert values.tolist() == [] and offsets.tolist() == [0]
+
+
 def test_select_rows_hand_example():
     values, offsets = select_rows(VALUES, OFFSETS, np.array([0, 2]))
     assert values.tolist() == [7, 8, 9, 1, 2] and offsets.tolist() == [0, 3, 5]
@@ -98,14 +105,13 @@ def test_select_rows_hand_example():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=20), min_size=1, max_size=40), st.data())
 def test_pad_flat_equals_row_by_row_padding(rows, data):
-    """The vectorised gather gives what padding each row in a loop gives, for any row selection."""
-    from operators.pooling import pad_ids
-
-    values = np.array([t for r in rows for t in r], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    """``flatten`` then the vectorised gather gives what padding each row in a loop gives, for any row selection."""
+    values, offsets = flatten(rows)
+    assert values.tolist() == [t for r in rows for t in r] and np.diff(offsets).tolist() == [len(r) for r in rows]
     pick = np.array(data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=1, max_size=len(rows))))
     tokens, lengths = pad_flat(values, offsets, pick, pad_id=0)
-    want_tokens, want_mask = pad_ids([np.array(rows[i]) for i in pick], pad_id=0)
-    assert np.array_equal(tokens, want_tokens) and lengths.tolist() == want_mask.sum(1).tolist()
+    longest = max(len(rows[i]) for i in pick)
+    want = [rows[i] + [0] * (longest - len(rows[i])) for i in pick]  # the loop, row by row
+    assert tokens.tolist() == want and lengths.tolist() == [len(rows[i]) for i in pick]
     sub_values, sub_offsets = select_rows(values, offsets, pick)
     assert [sub_values[a:b].tolist() for a, b in zip(sub_offsets[:-1], sub_offsets[1:])] == [rows[i] for i in pick]
