@@ -159,3 +159,17 @@ def test_teacher_cpu_threads_split_a_node_between_its_replicas_only(tiny_bert):
     with pytest.raises(ValueError, match="replicas_per_node must be in 1..replicas"):
         TeacherConfig(model=info, replicas=2, replicas_per_node=3)
 
+
+def test_pool_actor_keywords_only_where_ray_data_defaults_differ(monkeypatch):
+    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+
+    from pipelines import faults
+
+    faults.pool_actor.cache_clear()
+    assert faults.pool_actor() == {}  # the installed Ray restarts pool actors and retries their tasks by default
+    monkeypatch.setattr(ActorPoolMapOperator, "_apply_default_remote_args", staticmethod(lambda a, c: {}))
+    faults.pool_actor.cache_clear()
+    try:
+        assert faults.pool_actor() == faults.POOL_ACTOR
+    finally:
+        faults.pool_actor.cache_clear()
