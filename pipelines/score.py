@@ -20,7 +20,7 @@ from operators.teacher import TeacherConfig, TeacherScorer
 from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
-from pipelines.embed import forward_limits
+from pipelines.embed import block_mb_for, forward_limits
 from pipelines.faults import pool_actor
 from pipelines.job import execute
 from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
@@ -69,7 +69,7 @@ class ScoreJobConfig(StorageSettings):
     batch_size: int = 256  # training rows per actor call (each holds 1 + len(pos) + len(neg) texts)
     scorer_num_cpus: float | None = None  # default 1 on GPU, 0.5 on CPU
     io_num_cpus: float = 0.25
-    block_mb: float = 8.0
+    block_mb: float | None = None  # default 8 on GPU, 0.5 on CPU, as kalm embed (``embed.block_mb_for``)
     rows_per_file: int = 20_000  # ~30-100 MB of JSONL training rows per file
     overwrite: bool = False
     address: str | None = None
@@ -90,6 +90,7 @@ class ScorePlan:
     output: str
     rows: TrainingRowsConfig
     teacher: TeacherConfig
+    block_mb: float  # the job's, or the CPU / GPU default
     queries: InputFiles | None = None  # ID-keyed input only
     corpus: InputFiles | None = None
     ids: IdColumns | None = None
@@ -182,14 +183,15 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes
     except (InputError, FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
     output = job.output or f"{defaults.DEFAULT_OUTPUT}/score"
-    return ScorePlan(job, inp, output, rows, teacher, queries=queries, corpus=corpus, ids=ids)
+    block_mb = block_mb_for(job.block_mb, teacher.num_gpus)
+    return ScorePlan(job, inp, output, rows, teacher, block_mb, queries=queries, corpus=corpus, ids=ids)
 
 
 def build_dataset(p: ScorePlan, out):
     from ray.data import ActorPoolStrategy, DataContext
 
     job = p.job
-    DataContext.get_current().target_max_block_size = int(job.block_mb * 2**20)
+    DataContext.get_current().target_max_block_size = int(p.block_mb * 2**20)
     ds = out.read(p.input, columns=None, num_cpus=job.io_num_cpus)
     if ds is None:
         return None
@@ -265,6 +267,7 @@ def run(job: ScoreJobConfig) -> dict:
                 "num_gpus": t.num_gpus,
                 "replicas": t.replicas,
                 "max_tokens": t.max_tokens,
+                "block_mb": resolved["plan"].block_mb,
             },
         }
 

@@ -160,6 +160,17 @@ def test_teacher_cpu_threads_split_a_node_between_its_replicas_only(tiny_bert):
         TeacherConfig(model=info, replicas=2, replicas_per_node=3)
 
 
+def test_score_blocks_follow_the_teacher_device(tiny_cross_encoder):
+    """kalm score takes kalm embed's block sizes: about a call of rows per block on CPU, 8 MB on GPU."""
+    from pipelines.score import ScoreJobConfig, plan
+
+    def block(gpus: float, **kw):
+        return plan(ScoreJobConfig(teacher=tiny_cross_encoder, teacher_kind="cross-encoder", **kw),
+                    gpus_in_cluster=gpus).block_mb  # fmt: skip
+
+    assert (block(0), block(2), block(0, block_mb=2.0)) == (0.5, 8.0, 2.0)
+
+
 def test_pool_actor_keywords_only_where_ray_data_defaults_differ(monkeypatch):
     from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
