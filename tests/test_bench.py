@@ -43,14 +43,16 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     r = json.loads(out.read_text())
     peak, fwd, st, pipe = r["peak"], r["raw_forward"], r["sentence_transformers"], r["pipeline"]
     assert peak["device"] == "cpu" and peak["dtype"] == "float32" and peak["tflops"] > 0
+    assert peak["tflops"] == max(peak["tflops_first"], peak["tflops_last"])  # measured at both ends, the higher
     assert fwd["rows"] == 60 and fwd["tokens"] == sum(len(t.split()) + 2 for t in texts)  # [CLS] ... [SEP]
     assert fwd["mfu"] == pytest.approx(fwd["model_tflops"] / peak["tflops"], rel=0.01)
     assert 0 < fwd["mfu"] < 1
+    one = r["raw_forward_one_process"]
+    assert one["mfu"] == pytest.approx(one["model_tflops"] / peak["tflops"], rel=0.01)
     # The raw forward runs the pipeline's layout (two replicas on the shared Ray's 2 CPUs: 1-thread processes),
     # before and after the pipeline part, averaged; and once as one process on every core.
     assert fwd["replicas"] == pipe["replicas"] == 2 and fwd["threads"] == 1
     assert fwd["rows_per_s"] == pytest.approx((fwd["rows_per_s_before"] + fwd["rows_per_s_after"]) / 2, abs=0.01)
-    one = r["raw_forward_one_process"]
     assert one["replicas"] == 1 and one["rows"] == 60 and one["tokens"] == fwd["tokens"]
     assert one["flops_per_row"] == pytest.approx(fwd["flops_per_row"])  # the same model on the same rows
     assert pipe["runs"]["small"]["rows"] == 60 and pipe["runs"]["large"]["rows"] == 120
@@ -64,6 +66,7 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     assert ("pipeline_steady_over_raw_forward" in r["ratios"]) == (steady is not None)
     if steady is not None:
         assert r["ratios"]["pipeline_steady_over_raw_forward"] == pytest.approx(steady / fwd["rows_per_s"], rel=0.01)
+        assert pipe["mfu"] == pytest.approx(steady * fwd["flops_per_row"] / 1e12 / peak["tflops"], rel=0.01)
         assert r["ratios"]["pipeline_steady_over_sentence_transformers"] == pytest.approx(
             steady / st["rows_per_s"], rel=0.01)  # fmt: skip
     printed = capsys.readouterr().out
