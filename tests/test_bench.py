@@ -56,6 +56,7 @@ def test_bench_run_figures_agree(ray_local, tiny_bert, tmp_path, capsys):
     assert one["replicas"] == 1 and one["rows"] == 60 and one["tokens"] == fwd["tokens"]
     assert one["flops_per_row"] == pytest.approx(fwd["flops_per_row"])  # the same model on the same rows
     assert pipe["runs"]["small"]["rows"] == 60 and pipe["runs"]["large"]["rows"] == 120
+    assert st["rows_per_s"] == pytest.approx((st["rows_per_s_before"] + st["rows_per_s_after"]) / 2, abs=0.01)
     assert r["ratios"]["raw_forward_over_sentence_transformers"] == pytest.approx(
         fwd["rows_per_s"] / st["rows_per_s"], rel=0.01)  # fmt: skip
     # The steady rate is the large run's own (its manifest's, from the row counter's timeline); on 120 rows in a
