@@ -18,7 +18,7 @@ from operators.tokenize import TokenizeConfig, Tokenizer, backend_json
 from operators.validate import IdRegistry, ValidateConfig, id_shards_for, validate_rows
 from pipelines import defaults
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
-from pipelines.faults import pool_actor
+from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
 from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
@@ -287,7 +287,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         compute=ActorPoolStrategy(size=p.tokenize.replicas),
         num_cpus=p.tokenize.num_cpus,
         udf_modifying_row_count=False,
-        **pool_actor(),
+        **POOL_ACTOR,
     )
     return ds.map_batches(
         Embedder,
@@ -303,7 +303,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         num_gpus=p.embed.num_gpus or None,
         num_cpus=p.embed.num_cpus,
         udf_modifying_row_count=False,
-        **pool_actor(),
+        **POOL_ACTOR,
     )
 
 

@@ -46,7 +46,7 @@ from operators.storage import exists, read_json, resolve, write_json
 from pipelines import config as config_mod
 from pipelines import defaults, embed
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
-from pipelines.faults import INDEX_ACTOR, StallError, pool_actor, stall_s
+from pipelines.faults import INDEX_ACTOR, POOL_ACTOR, StallError, stall_s
 from pipelines.job import execute, stage_row
 from pipelines.runtime import cluster_cpu_nodes, cluster_gpus, ray_session
 
@@ -526,7 +526,7 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
                                                                        "positives_by_text": by_text},
                                     batch_size=job.search_batch, compute=ActorPoolStrategy(min_size=1,
                                     max_size=job.miners), num_cpus=0.25, udf_modifying_row_count=False,
-                                    **pool_actor())  # fmt: skip
+                                    **POOL_ACTOR)  # fmt: skip
                 if teacher is not None:
                     ds = ds.map_batches(
                         CandidateTeacher,
@@ -536,7 +536,7 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
                         num_gpus=teacher.num_gpus or None,
                         num_cpus=teacher.num_cpus,
                         udf_modifying_row_count=False,
-                        **pool_actor(),
+                        **POOL_ACTOR,
                     )
                 # The teacher's batch size: a selector batch gathering 1024 teacher outputs would hold back both the
                 # write and the progress count for 16 teacher calls.
@@ -585,7 +585,7 @@ def _text_store(job, inputs: Inputs) -> list:
 def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024):
     return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts},
                           batch_size=batch_size, compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False,
-                          **pool_actor())  # fmt: skip
+                          **POOL_ACTOR)  # fmt: skip
 
 
 def _cpu_pool():

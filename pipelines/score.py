@@ -21,7 +21,7 @@ from operators.validate import TrainingRowsConfig, validate_training_table
 from pipelines import defaults
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.embed import block_mb_for, forward_limits
-from pipelines.faults import pool_actor
+from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
 
@@ -225,7 +225,7 @@ def build_dataset(p: ScorePlan, out):
         num_gpus=p.teacher.num_gpus or None,
         num_cpus=p.teacher.num_cpus,
         udf_modifying_row_count=False,
-        **pool_actor(),
+        **POOL_ACTOR,
     )
 
 

@@ -169,18 +169,3 @@ def test_score_blocks_follow_the_teacher_device(tiny_cross_encoder):
                     gpus_in_cluster=gpus).block_mb  # fmt: skip
 
     assert (block(0), block(2), block(0, block_mb=2.0)) == (0.5, 8.0, 2.0)
-
-
-def test_pool_actor_keywords_only_where_ray_data_defaults_differ(monkeypatch):
-    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
-
-    from pipelines import faults
-
-    faults.pool_actor.cache_clear()
-    assert faults.pool_actor() == {}  # the installed Ray restarts pool actors and retries their tasks by default
-    monkeypatch.setattr(ActorPoolMapOperator, "_apply_default_remote_args", staticmethod(lambda a, c: {}))
-    faults.pool_actor.cache_clear()
-    try:
-        assert faults.pool_actor() == faults.POOL_ACTOR
-    finally:
-        faults.pool_actor.cache_clear()
