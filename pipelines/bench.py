@@ -241,13 +241,15 @@ def bench_raw_forward(texts: list[str], settings: dict, replicas: int = 1) -> di
 
 
 def averaged(before: dict, after: dict) -> dict:
-    """The raw forward measured before and after the pipeline part, rates averaged: a shared or virtual machine's
-    speed drifts over minutes, and the pipeline's ratio is then against the mean of the two, not the luckier one."""
+    """A reference (the raw forward, sentence-transformers) measured before and after the pipeline part, rates
+    averaged: a shared or virtual machine's speed drifts over minutes, and the pipeline's ratio is then against the
+    mean of the two, not the luckier one. The raw forward's derived rates (tokens/s, model FLOP/s) follow."""
     out = dict(before)
     rate = (before["rows_per_s"] + after["rows_per_s"]) / 2
-    out.update(rows_per_s=round(rate, 2), tokens_per_s=round(rate * before["tokens"] / before["rows"], 1),
-               model_tflops=round(rate * before["flops_per_row"] / 1e12, 6),
-               rows_per_s_before=before["rows_per_s"], rows_per_s_after=after["rows_per_s"])  # fmt: skip
+    out.update(rows_per_s=round(rate, 2), rows_per_s_before=before["rows_per_s"], rows_per_s_after=after["rows_per_s"])
+    if "flops_per_row" in before:
+        out.update(tokens_per_s=round(rate * before["tokens"] / before["rows"], 1),
+                   model_tflops=round(rate * before["flops_per_row"] / 1e12, 6))  # fmt: skip
     return out
 
 
@@ -399,6 +401,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return float(f"{a / b:.4g}") if a and b else None  # significant digits: a tiny model's ratios are small
 
 
+def _before_after(ref: dict) -> str:
+    """How an ``averaged`` reference's rate was made, for its table row."""
+    if "rows_per_s_after" not in ref:
+        return ""
+    return f", mean of {ref['rows_per_s_before']:,.1f} before and {ref['rows_per_s_after']:,.1f} after"
+
+
 def table(result: dict) -> list[tuple[str, str, str]]:
     """The printed summary: one line per measure, from the JSON result."""
     rows = []
@@ -409,9 +418,7 @@ def table(result: dict) -> list[tuple[str, str, str]]:
                          peak["tflops"], "TFLOP/s"))  # fmt: skip
     if fwd:
         n = fwd.get("replicas", 1)
-        what = "in-process" if n == 1 else f"{n} processes as the pipeline's replicas"
-        if "rows_per_s_after" in fwd:
-            what += f", mean of {fwd['rows_per_s_before']:,.1f} before and {fwd['rows_per_s_after']:,.1f} after"
+        what = ("in-process" if n == 1 else f"{n} processes as the pipeline's replicas") + _before_after(fwd)
         rows.append(_row(f"raw forward, {what}", fwd["rows_per_s"], "rows/s",
                          f" ({fwd['tokens_per_s']:,.0f} tokens/s, {fwd['model_tflops']} TFLOP/s, MFU "
                          f"{fwd.get('mfu', '-')})"))  # fmt: skip
@@ -421,9 +428,8 @@ def table(result: dict) -> list[tuple[str, str, str]]:
         rows.append(_row(f"raw forward, one process, {one['threads']} threads", one["rows_per_s"], "rows/s",
                          f" (MFU {one.get('mfu', '-')})"))  # fmt: skip
     if st:
-        what = f", mean of {st['rows_per_s_before']:,.1f} before and {st['rows_per_s_after']:,.1f} after" \
-            if "rows_per_s_after" in st else ""  # fmt: skip
-        rows.append(_row(f"sentence-transformers encode ({st['dtype']}{what})", st["rows_per_s"], "rows/s"))
+        rows.append(_row(f"sentence-transformers encode ({st['dtype']}{_before_after(st)})", st["rows_per_s"],
+                         "rows/s"))  # fmt: skip
     if pipe:
         rows.append(_row("kalm embed, steady state", pipe["steady_rows_per_s"], "rows/s",
                          f" (MFU {pipe.get('mfu', '-')}; middle of the {pipe['runs']['large']['rows']:,}-row "
@@ -485,10 +491,8 @@ def main(ns) -> dict:
                 print("raw forward, after the pipeline", after, flush=True)
                 result["raw_forward"] = averaged(result["raw_forward"], after)
             if "st" in parts:  # the same for the other reference the pipeline is held to
-                st = result["sentence_transformers"]
                 again = bench_sentence_transformers(settings["model"], texts, ns.batch_size, settings)
-                st.update(rows_per_s=round((st["rows_per_s"] + again["rows_per_s"]) / 2, 2),
-                          rows_per_s_before=st["rows_per_s"], rows_per_s_after=again["rows_per_s"])  # fmt: skip
+                result["sentence_transformers"] = averaged(result["sentence_transformers"], again)
         if "score" in parts:
             result["score"] = bench_score(ns)
         if "mine" in parts:
