@@ -179,11 +179,35 @@ def row_owner(source: str, row: int) -> bytes:
     return hashlib.blake2b(f"{source}\0{row}".encode(), digest_size=16).digest()
 
 
-def validate_rows(
-    batch: dict[str, np.ndarray], *, cfg: ValidateConfig, registry: list | None
-) -> dict[str, np.ndarray]:
-    """Mark invalid rows in ``_reject``. With a registry (list of IdRegistry handles), also mark duplicate ids."""
+def validate_rows(batch: pa.Table | dict[str, np.ndarray], *, cfg: ValidateConfig, registry: list | None):
+    """Mark invalid rows in ``_reject``. With a registry (list of IdRegistry handles), also mark duplicate ids.
+
+    ``batch``: an Arrow table (as Ray hands it with ``batch_format="pyarrow"``), returned as a table with every
+    other column untouched; or a dict of numpy arrays, returned as one. Only the columns the checks read are
+    converted to numpy: a kept list column (``positive_ids``) converted and back would reach Ray as an object
+    array of arrays, which it can only store pickled, and the texts would be copied into Python strings and out.
+    """
+    if isinstance(batch, pa.Table):
+        wanted = (cfg.id_column, cfg.text_column, REJECT_COLUMN, cfg.source_column, cfg.row_column)
+        # Ids as Python objects: to_numpy would make an integer column with a null float, and 5 then keys as 5.0.
+        cols = {c: _objects(batch.column(c)) if c == cfg.id_column else batch.column(c).to_numpy()
+                for c in wanted if c in batch.column_names}  # fmt: skip
+        reasons = _reasons(cols, batch.num_rows, cfg=cfg, registry=registry)
+        if REJECT_COLUMN in batch.column_names:
+            batch = batch.drop_columns([REJECT_COLUMN])
+        return batch.append_column(REJECT_COLUMN, pa.array(reasons, type=pa.string()))
     n = len(next(iter(batch.values()))) if batch else 0
+    batch[REJECT_COLUMN] = _reasons(batch, n, cfg=cfg, registry=registry)
+    return batch
+
+
+def _objects(column: pa.ChunkedArray) -> np.ndarray:
+    out = np.empty(len(column), dtype=object)
+    out[:] = column.to_pylist()
+    return out
+
+
+def _reasons(batch: dict[str, np.ndarray], n: int, *, cfg: ValidateConfig, registry: list | None) -> np.ndarray:
     missing = [c for c in (cfg.id_column, cfg.text_column) if c not in batch]
     if missing:
         # The driver checked the first file's schema; a later file without the column must not crash the run.
@@ -208,8 +232,7 @@ def validate_rows(
             members.append(sel)
         for sel, first in zip(members, ray.get(refs)):
             reasons[valid[sel[~first]]] = "id_duplicate"
-    batch[REJECT_COLUMN] = reasons
-    return batch
+    return reasons
 
 
 @dataclass(frozen=True, kw_only=True)

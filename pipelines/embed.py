@@ -274,6 +274,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         validate_rows,
         fn_kwargs={"cfg": p.validate, "registry": registry},
         batch_size=p.tokenize.batch_size,
+        batch_format="pyarrow",  # the columns it does not check pass through as they were read
         num_cpus=job.io_num_cpus,
         udf_modifying_row_count=False,
     )

@@ -42,6 +42,25 @@ def test_reject_reasons():
     ]
 
 
+def test_validate_rows_on_arrow_leaves_other_columns_as_read():
+    """The pipeline's form (an Arrow table in and out): the same reasons as the numpy form, a reader's reason kept,
+    and the columns it does not check untouched, a list column still list<string> rather than Python objects."""
+    ids = [1, None, 3, 4, 5, 6]
+    texts = ["ok", "x", None, "  \n", "fine", "bad line"]
+    positives = pa.array([["a"], [], None, ["b", "c"], ["d"], ["e"]], type=pa.list_(pa.string()))
+    table = pa.table({"id": pa.array(ids, type=pa.int64()), "text": texts, "positive_ids": positives,
+                      REJECT_COLUMN: ["", "", "", "", "", "json_invalid"]})  # fmt: skip
+    out = validate_rows(table, cfg=ValidateConfig(), registry=None)
+    assert isinstance(out, pa.Table) and out.num_rows == 6
+    assert out.column(REJECT_COLUMN).to_pylist() == ["", "id_null", "text_null", "text_empty", "", "json_invalid"]
+    assert out.column_names.count(REJECT_COLUMN) == 1
+    for name in ("id", "text", "positive_ids"):
+        assert out.column(name).equals(table.column(name))  # same type, same values: ints stay ints beside a null
+    as_numpy = validate_rows({"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)},
+                             cfg=ValidateConfig(), registry=None)  # fmt: skip
+    assert as_numpy[REJECT_COLUMN].tolist()[:5] == out.column(REJECT_COLUMN).to_pylist()[:5]
+
+
 def test_id_registry_keeps_first_claim_and_types_ids():
     reg = IdRegistry()
     assert reg.claim([id_key("a"), id_key("b"), id_key("a")], [b"r1", b"r2", b"r3"]).tolist() == [True, True, False]
