@@ -239,3 +239,31 @@ def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path)
     ds = build_dataset(plan(job, gpus_in_cluster=0), out)
     sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None)]
     assert sum(sizes) == 6000 and len(sizes) >= 6
+
+
+def test_local_ray_reuses_idle_task_workers(ray_local):
+    """On a node whose CPUs are held by actors (a run's model replicas), Ray's default kills a task worker idle for
+    1 s, and every read or write task then starts a Python worker; the local session keeps them a minute
+    (``LOCAL_SYSTEM_CONFIG``). Without it this worker is gone within the 4 s."""
+    import os
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=1.5)
+    class Replica:
+        def ready(self) -> bool:
+            return True
+
+    @ray.remote(num_cpus=0.25)
+    def worker_pid() -> int:
+        return os.getpid()
+
+    replica = Replica.remote()  # 0.5 of the 2 CPUs left free: fewer than the one idle worker
+    try:
+        assert ray.get(replica.ready.remote())
+        pid = ray.get(worker_pid.remote())
+        time.sleep(4)  # Ray's default threshold is 1 s, checked every 0.2 s
+        os.kill(pid, 0)  # raises ProcessLookupError if the worker was killed
+    finally:
+        ray.kill(replica)
