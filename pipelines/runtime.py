@@ -43,8 +43,9 @@ def ray_session(address: str | None = None):
         # local_files_only, so no hub is reached whatever the workers' environment says.
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # A copy of the system config: Ray writes this session's spill directory into the dict it is given.
         ray.init(runtime_env={"env_vars": WORKER_ENV}, include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config=LOCAL_SYSTEM_CONFIG)  # fmt: skip
+                 _system_config=dict(LOCAL_SYSTEM_CONFIG))  # fmt: skip
     try:
         yield time.perf_counter() - t0
     finally:

@@ -144,7 +144,7 @@ def ray_local():
     from pipelines.runtime import LOCAL_SYSTEM_CONFIG, WORKER_ENV
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
-             log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)  # fmt: skip
+             log_to_driver=False, _system_config=dict(LOCAL_SYSTEM_CONFIG))  # fmt: skip
     try:
         yield ray
     finally:

@@ -169,3 +169,31 @@ def test_score_blocks_follow_the_teacher_device(tiny_cross_encoder):
                     gpus_in_cluster=gpus).block_mb  # fmt: skip
 
     assert (block(0), block(2), block(0, block_mb=2.0)) == (0.5, 8.0, 2.0)
+
+
+def test_each_local_ray_session_gets_its_own_system_config(monkeypatch):
+    """ray.init writes the session's spill directory into the _system_config it is given: a second local session
+    in the same process (kalm bench runs several) must not inherit the first one's, a directory gone with it."""
+    import ray
+
+    from pipelines import runtime
+
+    given = []
+
+    def init(**kwargs):
+        cfg = kwargs["_system_config"]
+        assert "object_spilling_config" not in cfg, cfg  # what Ray leaves in the dict of the session before
+        cfg["object_spilling_config"] = '{"type": "filesystem", "params": {"directory_path": "/tmp/ray/s1"}}'
+        given.append(cfg)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    for _ in range(2):
+        with runtime.ray_session():
+            pass
+    assert len(given) == 2 and given[0] is not given[1]
+    assert "object_spilling_config" not in runtime.LOCAL_SYSTEM_CONFIG
+    assert given[1]["idle_worker_killing_time_threshold_ms"] == runtime.LOCAL_SYSTEM_CONFIG[
+        "idle_worker_killing_time_threshold_ms"]  # fmt: skip
