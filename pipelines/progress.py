@@ -37,8 +37,8 @@ STEADY_WINDOW = (0.1, 0.9)  # the part of a stage's rows its steady rate is take
 MIN_STEADY_POINTS = 5  # bunches of blocks in that window, at least, for a rate
 # Blocks within this share of the stage's duration of a bunch's first are one bunch (``steady_rate``). The output
 # blocks of one model call reached the counter up to 2.6 s apart on 2 busy cores (a 13 s run of three calls), which
-# 1% did not join, and that run's rate read 209 rows/s, twice the model's; 2.5% of a long run is still a small part
-# of one replica's share of it.
+# 1% did not join, and that run's rate read 209 rows/s, twice the model's. A long run still has ~30 bunches in its
+# window (80% of the rows, 2.5% of the time each) for the slope.
 BUNCH_SHARE = 0.025
 
 
