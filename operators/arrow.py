@@ -38,3 +38,11 @@ def vectors(table: pa.Table, column: str) -> np.ndarray:
     """A ``fixed_size_list`` vector column -> [N, D] numpy."""
     col = table.column(column).combine_chunks()
     return np.asarray(col.flatten()).reshape(-1, col.type.list_size)
+
+
+def object_array(values: list) -> np.ndarray:
+    """A 1-d object array of ``values``, as Ray's numpy batches hold non-numeric columns (np.array would make a 2-d
+    array of lists of equal lengths, and floats of ints beside a None)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from operators.arrow import object_array
 from operators.lookup import lookup
 from operators.negatives import SelectConfig, merge_topk, normalize_text, select_negatives
 from operators.validate import REJECT_COLUMN, TrainingRowsConfig, typed_table, validate_training_rows
@@ -58,13 +59,6 @@ class MineConfig:
         return {"pos_ids": ids, "candidate_ids": ids, "neg_ids": ids, self.positives_column: ids,
                 "pos_scores": floats, "candidate_scores": floats, "neg_scores": floats,
                 "pos_ranks": pa.list_(pa.int64()), **{c: floats for c in TEACHER_COLUMNS}}  # fmt: skip
-
-
-def _objects(values: list) -> np.ndarray:
-    """A 1-d object array of lists (np.array would make a 2-d array when the lists have equal lengths)."""
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
 
 
 def _vectors(column) -> np.ndarray:
@@ -132,7 +126,7 @@ class QueryMiner:
             elif not pos_ids:
                 reasons[i] = "positives_not_in_corpus"
         batch.update(out)
-        batch[cfg.positives_column] = _objects(own)
+        batch[cfg.positives_column] = object_array(own)
         batch["missing_positives"] = missing
         batch[REJECT_COLUMN] = reasons
         batch.pop(cfg.embedding_column)
@@ -167,13 +161,13 @@ class CandidateTeacher:
         ok = reasons == ""
         sub = {
             "_query": batch[cfg.query_column],
-            "_pos": _objects([[text_of[x] for x in p] if k else [] for p, k in zip(pos, ok)]),
-            "_cand": _objects([[text_of[x] for x in c] if k else [] for c, k in zip(cand, ok)]),
+            "_pos": object_array([[text_of[x] for x in p] if k else [] for p, k in zip(pos, ok)]),
+            "_cand": object_array([[text_of[x] for x in c] if k else [] for c, k in zip(cand, ok)]),
             REJECT_COLUMN: reasons,
         }
         scored = self.scorer(sub)
-        batch["teacher_pos_scores"] = _objects(scored.column("pos_scores").to_pylist())
-        batch["teacher_candidate_scores"] = _objects(scored.column("neg_scores").to_pylist())
+        batch["teacher_pos_scores"] = object_array(scored.column("pos_scores").to_pylist())
+        batch["teacher_candidate_scores"] = object_array(scored.column("neg_scores").to_pylist())
         batch[REJECT_COLUMN] = np.array(scored.column(REJECT_COLUMN).to_pylist(), dtype=object)  # + non-finite
         return typed_table(batch, cfg.types())
 
@@ -261,8 +255,8 @@ def training_rows(batch: dict[str, np.ndarray], *, cfg: MineConfig, texts: list,
     pos, neg = _text_lists(texts, batch["pos_ids"], batch["neg_ids"])
     out = {
         "query": batch[cfg.query_column],
-        "pos": _objects(pos),
-        "neg": _objects(neg),
+        "pos": object_array(pos),
+        "neg": object_array(neg),
         "pos_scores": _label_scores(batch),
         "neg_scores": batch["neg_scores"],
         "prompt": np.full(n, prompt, dtype=object),
@@ -300,9 +294,9 @@ def st_rows(batch: dict[str, np.ndarray], *, cfg: MineConfig, texts: list) -> pa
     pairs = [(i, r) for i in range(n) for r in (range(len(pos[i])) if not reasons[i] else [None])]
     rows = np.asarray([i for i, _ in pairs], dtype=np.int64)
     out = {
-        "anchor": _objects([batch[cfg.query_column][i] for i in rows]),
-        "positive": _objects([None if r is None else pos[i][r] for i, r in pairs]),
-        **{f"negative_{j + 1}": _objects([None if r is None else neg[i][j] for i, r in pairs]) for j in range(k)},
+        "anchor": object_array([batch[cfg.query_column][i] for i in rows]),
+        "positive": object_array([None if r is None else pos[i][r] for i, r in pairs]),
+        **{f"negative_{j + 1}": object_array([None if r is None else neg[i][j] for i, r in pairs]) for j in range(k)},
         cfg.query_id_column: batch[cfg.query_id_column][rows],
         REJECT_COLUMN: reasons[rows],
         **{c: batch[c][rows] for c in ("_source", "_row")},
@@ -323,8 +317,9 @@ def text_queries(batch: dict[str, np.ndarray], *, rows: TrainingRowsConfig, quer
     batch = validate_training_rows(batch, cfg=rows)
     ids = [[text_id(t) for t in p] if not r else [] for p, r in zip(batch[rows.pos_column], batch[REJECT_COLUMN])]
     queries = [q if isinstance(q, str) else None for q in batch[rows.query_column]]  # a rejected query may be any type
-    out = {query_id_column: batch[query_id_column], rows.query_column: _objects(queries),
-           positives_column: _objects(ids), **{c: batch[c] for c in (REJECT_COLUMN, "_source", "_row")}}  # fmt: skip
+    out = {query_id_column: batch[query_id_column], rows.query_column: object_array(queries),
+           positives_column: object_array(ids),
+           **{c: batch[c] for c in (REJECT_COLUMN, "_source", "_row")}}  # fmt: skip
     return typed_table(out, {positives_column: pa.list_(pa.string()), rows.query_column: pa.string(),
                              query_id_column: pa.string()})  # fmt: skip
 

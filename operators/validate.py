@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from operators.arrow import object_array
+
 REJECT_COLUMN = "_reject"
 VALIDATION_REASONS = ("id_null", "id_duplicate", "text_null", "text_not_string", "text_empty", "column_missing:<name>")
 REASONS = (*VALIDATION_REASONS, "embedding_not_finite", "teacher_score_not_finite")
@@ -190,7 +192,7 @@ def validate_rows(batch: pa.Table | dict[str, np.ndarray], *, cfg: ValidateConfi
     if isinstance(batch, pa.Table):
         wanted = (cfg.id_column, cfg.text_column, REJECT_COLUMN, cfg.source_column, cfg.row_column)
         # Ids as Python objects: to_numpy would make an integer column with a null float, and 5 then keys as 5.0.
-        cols = {c: _objects(batch.column(c)) if c == cfg.id_column else batch.column(c).to_numpy()
+        cols = {c: object_array(batch.column(c).to_pylist()) if c == cfg.id_column else batch.column(c).to_numpy()
                 for c in wanted if c in batch.column_names}  # fmt: skip
         reasons = _reasons(cols, batch.num_rows, cfg=cfg, registry=registry)
         if REJECT_COLUMN in batch.column_names:
@@ -199,12 +201,6 @@ def validate_rows(batch: pa.Table | dict[str, np.ndarray], *, cfg: ValidateConfi
     n = len(next(iter(batch.values()))) if batch else 0
     batch[REJECT_COLUMN] = _reasons(batch, n, cfg=cfg, registry=registry)
     return batch
-
-
-def _objects(column: pa.ChunkedArray) -> np.ndarray:
-    out = np.empty(len(column), dtype=object)
-    out[:] = column.to_pylist()
-    return out
 
 
 def _reasons(batch: dict[str, np.ndarray], n: int, *, cfg: ValidateConfig, registry: list | None) -> np.ndarray:

@@ -23,6 +23,13 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PA
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
+def local_ray_args() -> dict:
+    """``ray.init`` keywords of a local Ray started here (a pipeline's, the test session's). Fresh dicts each call:
+    Ray writes the session's spill directory into the system config it is given."""
+    return {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "include_dashboard": False,
+            "_system_config": dict(LOCAL_SYSTEM_CONFIG)}  # fmt: skip
+
+
 @contextmanager
 def ray_session(address: str | None = None):
     """Yields the seconds Ray took to start. A session already initialised (tests, notebooks) is reused as is."""
@@ -43,9 +50,7 @@ def ray_session(address: str | None = None):
         # local_files_only, so no hub is reached whatever the workers' environment says.
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # A copy of the system config: Ray writes this session's spill directory into the dict it is given.
-        ray.init(runtime_env={"env_vars": WORKER_ENV}, include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config=dict(LOCAL_SYSTEM_CONFIG))  # fmt: skip
+        ray.init(logging_level=logging.WARNING, **local_ray_args())
     try:
         yield time.perf_counter() - t0
     finally:

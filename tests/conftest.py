@@ -141,10 +141,9 @@ def ray_local():
     """One local Ray for the whole run (start-up costs seconds). 2 logical CPUs, as on CI."""
     import ray
 
-    from pipelines.runtime import LOCAL_SYSTEM_CONFIG, WORKER_ENV
+    from pipelines.runtime import local_ray_args
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
-             log_to_driver=False, _system_config=dict(LOCAL_SYSTEM_CONFIG))  # fmt: skip
+    ray.init(address="local", num_cpus=2, log_to_driver=False, **local_ray_args())
     try:
         yield ray
     finally:
