@@ -10,6 +10,12 @@ settings make Ray retry it, and bound what cannot be retried.
   such extra ``map_batches`` keywords (removed in 2.64, hence ``ray<2.64`` in pyproject). Passing them also keeps
   validation apart from the Tokenizer actors, which Ray Data otherwise fuses: on 2 cores the fused layout measured
   0.77-0.90x of the raw forward in five runs against 0.86-0.94x in four apart, so it was not kept (issue 9 note).
+  Every run's log has one error line from Ray for the first pool: "has constructor arguments in the object store
+  and max_restarts > 0 ... the actor restart will fail" (ray #53727). It is not a failure. Ray Data passes each pool
+  actor's setup (its DataContext and map function) as ``ray.put`` references, which the driver holds until the
+  pool ends, so a restarted actor finds them. ``tests/reliability/test_node_loss.py`` checks this: it restarts the
+  model replica on another node after its node is killed. A tokenizer actor SIGKILLed mid-call was also restarted
+  and went on (issue 9 note).
 - **Index shards** (``ShardSearcher``, plain actors holding a faiss shard): a searching shard is started from its
   saved files, so Ray can restart it anywhere and it reloads the same shard (``INDEX_ACTOR``); calls in flight are
   retried on the new one.
