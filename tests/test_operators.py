@@ -362,3 +362,60 @@ def test_node_cpus_honours_a_cgroup_quota(tmp_path):
     quota.write_text("max 100000\n")  # no limit: the affinity mask
     assert node_cpus(str(quota)) == cores
     assert node_cpus(str(tmp_path / "absent")) == cores
+
+
+def test_row_sink_writes_valid_blocks_without_copying_their_vectors(tmp_path):
+    """A write task holds a whole file's blocks (here 62 MB of vectors). Its valid rows go to Parquet as Ray handed
+    them, and in row groups of ~32 MB, so what the task allocates stays under half the vectors' size. Measured:
+    0.39x; with a copy per block and one row group per file it was 1.4x. One block with a reject takes the
+    filtering path. The file holds every valid row's id and exact vector. It runs in a fresh process, since Arrow's
+    peak allocation counter only grows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from operators.sink import RowSink
+rows, dim, per = 64000, 256, 2000
+vec = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+def block(s):  # vectors in numpy's memory, not Arrow's pool: the pool then counts only what the write allocates
+    n = per
+    return pa.table({{"id": [f"r{{i}}" for i in range(s, s + n)], "_reject": ["" if i != 12345 else "bad" for i in
+                     range(s, s + n)], "_source": ["f"] * n, "_row": pa.array(np.arange(s, s + n)),
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vec[s:s + n].reshape(-1)), dim)}})
+blocks = [block(s) for s in range(0, rows, per)]
+pool = pa.default_memory_pool()
+assert pool.max_memory() < vec.nbytes / 20, pool.max_memory()  # the blocks' vectors are not in the pool
+class Ctx:
+    task_idx = 0
+sink = RowSink({str(tmp_path)!r}, columns=("id", "embedding"), vector_columns=("embedding",), id_column="id")
+sink.on_write_start()
+stats = sink.write(iter(blocks), Ctx())
+print(pool.max_memory() / vec.nbytes)
+assert stats.written == rows - 1 and dict(stats.rejected) == {{"bad": 1}}
+out = pq.read_table({str(tmp_path)!r} + "/" + stats.files[0])
+keep = np.arange(rows) != 12345
+assert out.column("id").to_pylist() == [f"r{{i}}" for i in range(rows) if i != 12345]
+assert np.array_equal(np.stack(out.column("embedding").to_numpy(zero_copy_only=False)), vec[keep])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=str(Path(__file__).parents[1]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 0.6  # peak allocation / vector bytes
+
+
+def test_jsonl_is_written_in_chunks_and_reads_back_row_for_row(tmp_path):
+    """A file of more rows than one chunk: every row once, in order, lists and non-ASCII text as they were."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from operators.sink import JSONL_CHUNK_ROWS, write_jsonl
+
+    n = 2 * JSONL_CHUNK_ROWS + 5
+    table = pa.table({"query": [f"q{i} caf\u00e9" for i in range(n)], "neg_scores": [[i / 2, -1.0] for i in range(n)]})
+    write_jsonl(table, str(tmp_path / "x.jsonl"), pafs.LocalFileSystem())
+    lines = (tmp_path / "x.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == table.to_pylist()
+    assert "caf\u00e9" in lines[0]  # UTF-8, not \\u-escaped
