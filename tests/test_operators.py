@@ -394,7 +394,9 @@ sink.on_write_start()
 stats = sink.write(iter(blocks), Ctx())
 print(pool.max_memory() / vec.nbytes)
 assert stats.written == rows - 1 and dict(stats.rejected) == {{"bad": 1}}
-out = pq.read_table({str(tmp_path)!r} + "/" + stats.files[0])
+path = {str(tmp_path)!r} + "/" + stats.files[0]
+assert pq.ParquetFile(path).metadata.num_row_groups == 2  # ~62 MB of rows in ~32 MB groups
+out = pq.read_table(path)
 keep = np.arange(rows) != 12345
 assert out.column("id").to_pylist() == [f"r{{i}}" for i in range(rows) if i != 12345]
 assert np.array_equal(np.stack(out.column("embedding").to_numpy(zero_copy_only=False)), vec[keep])
