@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from operators.arrow import fixed_size_list, flat_ids
+from operators.arrow import fixed_size_list, flat_ids, release_unused_memory
 from operators.model import (
     ATTN_IMPLEMENTATIONS,
     COMPUTE_DTYPES,
@@ -208,6 +208,7 @@ class Embedder:
         out = out.append_column(REJECT_COLUMN, pa.array(reasons, type=pa.string()))
         for name, v in vectors.items():
             out = out.append_column(name, fixed_size_list(v))
+        release_unused_memory()  # a long-lived actor: what its calls free goes back, not to a growing cache
         return out
 
 

@@ -29,6 +29,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from operators import ledger
+from operators.arrow import release_unused_memory
 from operators.storage import StorageConfig, StorageError, check_bucket, file_sizes, resolve, storage_error
 
 logger = logging.getLogger(__name__)
@@ -311,6 +312,7 @@ def read_file(
             yield table
     if ledger_fs is not None:
         ledger.record_source(ledger_fs, ledger_root, source, offset)
+    release_unused_memory()  # the decoder's buffers, kept by an idle read worker otherwise (operators.arrow)
 
 
 class ProvenanceDatasource(Datasource):

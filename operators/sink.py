@@ -24,6 +24,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from operators import ledger
+from operators.arrow import release_unused_memory
 from operators.io import ROW_COLUMN, SOURCE_COLUMN
 from operators.ledger import REJECTS_DIR
 from operators.storage import with_retries
@@ -240,6 +241,7 @@ class RowSink(Datasink):
             sources={src: ledger.to_ranges(p) for src, p in unique.items()},
         )
         ledger.commit(self.filesystem, self.path, name, record)
+        release_unused_memory()  # the Parquet writer's buffers: an idle write worker would keep them (operators.arrow)
         return stats
 
     def on_write_complete(self, write_result) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from operators.arrow import token_lists
+from operators.arrow import release_unused_memory, token_lists
 from operators.model import ModelInfo
 from operators.validate import REJECT_COLUMN, typed_table
 
@@ -134,4 +134,5 @@ class Tokenizer:
         table = table.drop_columns(drop)
         for name, values in (("input_ids", lists), ("num_tokens", num_tokens), ("truncated", truncated)):
             table = table.append_column(name, pa.array(values) if isinstance(values, np.ndarray) else values)
+        release_unused_memory()  # a long-lived actor: what its calls free goes back, not to a growing cache
         return table
