@@ -211,6 +211,13 @@ def _interrupt_driver() -> None:
 
 
 COUNT_TASK_MEMORY = 256 * 2**20  # bytes a counting task's worker is declared to hold (Tracker.wrap)
+
+
+def count_tasks(cpus: float) -> int:
+    """Counting tasks at once for a cluster of ``cpus`` CPUs: one per CPU, at least two."""
+    return max(2, int(cpus))
+
+
 REINTERRUPT_S = 10.0  # a stalled stage's driver is interrupted again this often until the stage has ended
 
 
@@ -231,14 +238,21 @@ class Tracker:
         self.steady_rows_per_s: float | None = None  # set when the stage ends (``steady_rate``)
         self._stop = threading.Event()
 
-    def wrap(self, ds):
+    def wrap(self, ds, tasks: int | None = None):
         """``ds`` with the counting step after it: its own tasks, not fused into the sink's write, which Ray Data
         bundles up to a file of rows (the count would then move once per file). ``memory``: what the worker of such
         a task holds (~160-180 MB measured, a reused Python worker with pyarrow loaded); Ray Data's memory check
-        otherwise compares that with its default for a 0.05-CPU task (~120 MB) and warns at every run."""
+        otherwise compares that with its default for a 0.05-CPU task (~120 MB) and warns at every run.
+
+        ``tasks``: at most this many counting tasks at once (``count_tasks``). At 0.05 CPU each, Ray would otherwise
+        run a burst of them when a stage drains and its blocks arrive together: at the end of a 1M-row run on 2
+        cores, five fresh Python workers started within 2 s (~120 MB each, kept idle a minute), the run's peak.
+        A count takes a millisecond, so a few at a time keep up with any stage."""
+        from ray.data import TaskPoolStrategy
+
         return ds.map_batches(count_rows, fn_kwargs={"counter": self.counter, "key": self.key}, batch_format="pyarrow",
                               batch_size=None, zero_copy_batch=True, num_cpus=0.05, memory=COUNT_TASK_MEMORY,
-                              udf_modifying_row_count=False)  # fmt: skip
+                              compute=TaskPoolStrategy(size=tasks), udf_modifying_row_count=False)  # fmt: skip
 
     def rate(self) -> float:
         """Rows/s over the last samples; over the whole stage while fewer than two samples have rows."""

@@ -191,8 +191,9 @@ def test_report_renders_its_plots_in_a_headless_browser(distilled):
 def test_progress_arithmetic_by_hand():
     import pyarrow as pa
 
-    from pipelines.progress import eta_s, input_rows, progress_line
+    from pipelines.progress import count_tasks, eta_s, input_rows, progress_line
 
+    assert (count_tasks(2.0), count_tasks(0.5), count_tasks(16.0)) == (2, 2, 16)  # one per CPU, at least two
     assert eta_s(250, 1000, 50.0) == 15.0 and eta_s(10, None, 5.0) is None and eta_s(0, 100, 0.0) is None
     assert progress_line("embed (corpus)", 250, 1000, 50.0, 75.0) == (
         "embed (corpus): 250 / 1,000 rows (25.0%), 50.0 rows/s, 1m15s elapsed, ETA 15s"

@@ -297,7 +297,9 @@ def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local):
 
     ds = ray.data.range(600, override_num_blocks=6).map_batches(slow, batch_size=None, concurrency=1, num_cpus=0.25)
     with track("count test", lambda: 600) as tracker:
-        tracker.wrap(ds).write_datasink(OneFile(), ray_remote_args={"num_cpus": 0.25})
+        counted = tracker.wrap(ds, tasks=2)
+        assert counted._logical_plan.dag.compute.size == 2  # at most two counting tasks at once
+        counted.write_datasink(OneFile(), ray_remote_args={"num_cpus": 0.25})
         line = ray.get(tracker.counter.timeline.remote(tracker.key))
     assert line[-1][1] == 600
     assert line[-1][0] - line[0][0] > 1.0, line
