@@ -236,9 +236,34 @@ MAX_ROWS_PER_FILE = 100_000
 def rows_per_file(embed: EmbedConfig) -> int:
     """Rows that make ~TARGET_FILE_BYTES of vectors (before compression, which does little on float vectors), and at
     most MAX_ROWS_PER_FILE."""
+    return max(1000, min(MAX_ROWS_PER_FILE, TARGET_FILE_BYTES // row_bytes(embed)))
+
+
+def row_bytes(embed: EmbedConfig) -> int:
+    """An output row's bytes: its vectors, plus the id and Parquet overhead."""
     width = 2 if embed.output_dtype == "float16" else 4
-    row_bytes = width * sum(embed.dims or (embed.model.hidden_size,)) + 64  # + id and Parquet overhead
-    return max(1000, min(MAX_ROWS_PER_FILE, TARGET_FILE_BYTES // row_bytes))
+    return width * sum(embed.dims or (embed.model.hidden_size,)) + 64
+
+
+# Object store bytes a run's stages may hold at once (Ray Data's execution limit), per model replica. On CPU the
+# model is ~40x slower than reading and tokenising, so with Ray Data's default limit (half the object store, 3.5 GB
+# on a 24 GB node) the reads race ahead and park the tokenised input in the store: a 1M-row run on 2 cores parked
+# all of it, and every process that had touched those pages carried them (338 MB of the store, against 40 MB at
+# 100k rows). At 128 MB a replica it peaked at 227 MB and ran as fast (290 s against 280 s; issue 9 note). GPU
+# replicas take 8 MB blocks many times a second and keep a queue of them.
+STORE_MB_PER_CPU_REPLICA = 128
+STORE_MB_PER_GPU_REPLICA = 1024
+# Output files' worth of rows the limit always leaves room for: a write task waits for a file of rows in the
+# store, and Ray Data splits the limit between the stages (~a seventh each here), so a limit near one file kept a
+# tiny-model run waiting on its writes (9x slower with a limit under one file).
+STORE_FILES = 8
+
+
+def store_limit(embed: EmbedConfig, rows_in_file: int) -> int:
+    """Bytes of the object store the run's Ray Data stages may hold: ``STORE_MB_PER_*_REPLICA`` per model replica,
+    at least ``STORE_FILES`` output files. Ray Data takes the lower of this and its own default."""
+    per_replica = STORE_MB_PER_GPU_REPLICA if embed.num_gpus > 0 else STORE_MB_PER_CPU_REPLICA
+    return max(embed.replicas * per_replica * 2**20, STORE_FILES * rows_in_file * row_bytes(embed))
 
 
 def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:
@@ -248,10 +273,11 @@ def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:
     return out
 
 
-def build_dataset(p: EmbedPlan, out: Output):
+def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int):
     """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors); None if all is done.
 
-    ``out``: what earlier attempts committed; their rows are not read again.
+    ``out``: what earlier attempts committed; their rows are not read again. ``rows_in_file``: the sink's rows per
+    output file (the object store limit leaves room for several, ``store_limit``).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -290,7 +316,7 @@ def build_dataset(p: EmbedPlan, out: Output):
         udf_modifying_row_count=False,
         **POOL_ACTOR,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
@@ -306,6 +332,11 @@ def build_dataset(p: EmbedPlan, out: Output):
         udf_modifying_row_count=False,
         **POOL_ACTOR,
     )
+    # On this dataset's own context (a copy Ray Data made at the read), not the driver's: a later stage in the same
+    # driver (kalm mine's search, kalm score) keeps Ray Data's default.
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=store_limit(p.embed, rows_in_file))
+    return ds
 
 
 def run(job: EmbedJobConfig) -> dict:
@@ -319,17 +350,18 @@ def run(job: EmbedJobConfig) -> dict:
     def build(out, gpus):
         q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
+        rows_in_file = job.rows_per_file or rows_per_file(q.embed)
         sink = RowSink(
             out.root,
             columns=(job.id_column, *q.embed.columns, *keep),
             vector_columns=q.embed.columns,
             id_column=job.id_column,
             reject_columns=keep,
-            rows_per_file=job.rows_per_file or rows_per_file(q.embed),
+            rows_per_file=rows_in_file,
             filesystem=out.fs,
             attempt=out.attempt,
         )
-        return build_dataset(q, out), sink
+        return build_dataset(q, out, rows_in_file), sink
 
     def describe() -> dict:
         q = resolved["plan"]

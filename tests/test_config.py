@@ -130,6 +130,19 @@ def test_rows_per_file_targets_128mb_of_vectors_and_at_most_100k_rows(tiny_bert,
     assert rows_per_file(plan(EmbedJobConfig(model=tiny_bert, max_length=32)).embed) == 100_000
 
 
+def test_store_limit_per_replica_and_never_under_eight_output_files(tiny_bert, default_model):
+    from pipelines.embed import plan, rows_per_file, store_limit
+
+    mb = 2**20
+    tiny = plan(EmbedJobConfig(model=tiny_bert, max_length=32, replicas=2), gpus_in_cluster=0).embed
+    assert store_limit(tiny, 100_000) == 2 * 128 * mb  # 8 files of 32-d rows are 8 x 100k x 192 B = 147 MB, less
+    assert store_limit(tiny, 1_000_000) == 8 * 1_000_000 * (4 * 32 + 64)  # large files: room for 8 of them
+    mini = plan(EmbedJobConfig(model=default_model, replicas=1), gpus_in_cluster=0).embed
+    assert store_limit(mini, rows_per_file(mini)) == 8 * (128 * mb // (4 * 384 + 64)) * (4 * 384 + 64)  # ~1 GB
+    gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=2).embed
+    assert gpu.replicas == 4 and store_limit(gpu, 100_000) == 4 * 1024 * mb
+
+
 def test_gpus_asked_on_a_cluster_without_gpus_fails_instead_of_hanging(tiny_bert):
     from pipelines.config import ConfigError
     from pipelines.embed import plan

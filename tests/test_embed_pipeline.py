@@ -227,7 +227,9 @@ def test_non_string_texts_are_rejected_not_crashing(ray_local, tiny_bert, tmp_pa
 
 def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path):
     """Ray's default 128 MB blocks would hand this whole input to one replica as one task; block_mb splits it."""
-    from pipelines.embed import EmbedJobConfig, build_dataset, plan
+    from ray.data import DataContext
+
+    from pipelines.embed import EmbedJobConfig, build_dataset, plan, store_limit
     from pipelines.output import open_output
 
     (tmp_path / "in").mkdir()
@@ -236,7 +238,12 @@ def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path)
         pq.write_table(pa.table({"id": ids, "text": ["the python list of data"] * 3000}), tmp_path / f"in/{f}.parquet")
     job = EmbedJobConfig(input=str(tmp_path / "in"), model=tiny_bert, max_length=32, block_mb=0.125, batch_size=1000)
     out = open_output(str(tmp_path / "out"), job.storage(), {}, overwrite=False)
-    ds = build_dataset(plan(job, gpus_in_cluster=0), out)
+    p = plan(job, gpus_in_cluster=0)
+    driver_limit = DataContext.get_current().execution_options.resource_limits.object_store_memory
+    ds = build_dataset(p, out, rows_in_file=100_000)
+    # the run's object store limit is on this dataset only: a later stage in the same driver keeps Ray's default
+    assert ds.context.execution_options.resource_limits.object_store_memory == store_limit(p.embed, 100_000)
+    assert DataContext.get_current().execution_options.resource_limits.object_store_memory == driver_limit
     sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None)]
     assert sum(sizes) == 6000 and len(sizes) >= 6
 
