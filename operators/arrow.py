@@ -54,15 +54,15 @@ def _malloc_trim():
 
 
 def release_unused_memory() -> None:
-    """Hand the memory a Ray worker's allocators keep after frees back to the OS; a few ms.
+    """Hand the memory a Ray worker's allocators keep after frees back to the OS (0.1 ms when little is kept).
 
     Long-lived Ray processes (model actors, reused task workers) otherwise grow. pyarrow's default pool (mimalloc)
     keeps freed pages and returns them only while it allocates: a process that wrote a 150 MB table still held
-    220 MB after freeing it, and none after ``release_unused``. glibc keeps freed heap memory in per-thread arenas,
-    and Ray runs actor calls on threads of its own: in a 1M-row ``kalm embed`` each Embedder actor grew by ~110 MB
-    (391 to 500 MB of anonymous memory, ~0.2 MB a call) where the same calls in one process did not grow, and with
-    ``malloc_trim`` after each call it stayed at 380-407 MB (issue 9 note). Called at the end of each model call,
-    read and write task.
+    260 MB more than at its start after freeing it, and 37 MB after ``release_unused``. glibc keeps freed heap
+    memory in per-thread arenas, and Ray runs actor calls on threads of its own: in a 1M-row ``kalm embed`` each
+    Embedder actor grew by ~110 MB (391 to 500 MB of anonymous memory, ~0.2 MB a call) where the same calls in one
+    process did not grow, and with ``malloc_trim`` after each call it stayed at 380-407 MB (issue 9 note). Called at
+    the end of each model call, read and write task.
     """
     pa.default_memory_pool().release_unused()
     trim = _malloc_trim()
