@@ -46,9 +46,10 @@ class MineConfig:
     pool: int | None = None  # neighbours kept per query; default: what ``select`` needs (``window``)
 
     def window(self) -> int:
-        """Neighbours the rules select from: the window plus room for the positives (and for padding), with the
-        run's largest positive count for every query, as sentence-transformers' ``range_max + max_positives``. Fixed
-        for the run, so a row's negatives depend neither on its batch nor on how many neighbours the table kept."""
+        """Neighbours the rules select from: the window plus room for the positives, the query's own text (and for
+        padding), with the run's largest positive count for every query, as sentence-transformers' ``range_max +
+        max_positives + 1``. Fixed for the run, so a row's negatives depend neither on its batch nor on how many
+        neighbours the table kept."""
         return self.select.candidates_needed(self.max_positives)
 
     def pool_size(self) -> int:

@@ -85,8 +85,10 @@ class SelectConfig:
         return self.range_min + self.num_negatives * (10 if self.has_score_rule() else 1)
 
     def candidates_needed(self, max_positives: int) -> int:
-        """How many neighbours to fetch per query: the window, plus room for positives and removed duplicates."""
-        return self.window_end() + max_positives + (self.num_negatives if self.too_few == "pad" else 0)
+        """How many neighbours to fetch per query: the window, plus room for the positives and for the query's own
+        text in the corpus (dropped by the text rules), as sentence-transformers (6.3) fetches ``range_max +
+        max_positives + 1``; plus ``num_negatives`` more when short lists are padded."""
+        return self.window_end() + max_positives + 1 + (self.num_negatives if self.too_few == "pad" else 0)
 
 
 @dataclass
