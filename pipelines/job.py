@@ -16,7 +16,7 @@ from operators.sink import RowSink
 from operators.storage import StorageConfig
 from pipelines.output import open_output
 from pipelines.progress import count_tasks, parquet_rows, track
-from pipelines.runtime import cluster_cpus, cluster_gpus, ray_session
+from pipelines.runtime import cluster_cpu_nodes, cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def execute(
                 return None if total is None else total - partly_done
 
             with track(f"{command} ({posixpath.basename(output.rstrip('/'))})", remaining) as tracker:
-                tracker.wrap(ds, count_tasks(cluster_cpus())).write_datasink(
+                tracker.wrap(ds, count_tasks(sum(cluster_cpu_nodes()))).write_datasink(
                     sink, ray_remote_args={"num_cpus": io_num_cpus}
                 )
             steady = tracker.steady_rows_per_s

@@ -111,12 +111,6 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0))
-
-
 def cluster_cpu_nodes() -> tuple[float, ...]:
     """The CPUs of each alive node that has any."""
     import ray
