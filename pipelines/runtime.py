@@ -23,6 +23,24 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PA
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
+# The environment of a local Ray's own processes, which inherit the driver's (a cluster's nodes keep theirs). Ray's
+# log monitor lists the session's log folder again every 0.1 s until it holds 1,000 files, and every 0.5 s
+# (LOG_NAME_UPDATE_INTERVAL_S) past that; at 0 it takes the 0.5 s pace from the start. On 2 cores the listing was
+# the monitor's main cost: 6.5 ms of CPU a second in an idle session, 2.5 ms at 0 (issue 9 note), and it grows with
+# the files. A new worker's log lines then reach the driver up to 0.5 s later.
+LOCAL_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
+
+
+def init_local_ray(**kwargs) -> None:
+    """Start a local Ray (a pipeline's, the test session's) with ``local_ray_args`` and ``LOCAL_ENV`` (where the
+    environment does not set those variables already)."""
+    import ray
+
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    ray.init(**local_ray_args(), **kwargs)
+
+
 def local_ray_args() -> dict:
     """``ray.init`` keywords of a local Ray started here (a pipeline's, the test session's). Fresh dicts each call:
     Ray writes the session's spill directory into the system config it is given."""
@@ -50,7 +68,7 @@ def ray_session(address: str | None = None):
         # local_files_only, so no hub is reached whatever the workers' environment says.
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(logging_level=logging.WARNING, **local_ray_args())
+        init_local_ray(logging_level=logging.WARNING)
     try:
         yield time.perf_counter() - t0
     finally:

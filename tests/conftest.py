@@ -141,9 +141,9 @@ def ray_local():
     """One local Ray for the whole run (start-up costs seconds). 2 logical CPUs, as on CI."""
     import ray
 
-    from pipelines.runtime import local_ray_args
+    from pipelines.runtime import init_local_ray
 
-    ray.init(address="local", num_cpus=2, log_to_driver=False, **local_ray_args())
+    init_local_ray(address="local", num_cpus=2, log_to_driver=False)
     try:
         yield ray
     finally:

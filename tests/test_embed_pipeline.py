@@ -276,6 +276,23 @@ def test_local_ray_reuses_idle_task_workers(ray_local):
         ray.kill(replica)
 
 
+def test_local_ray_log_monitor_lists_files_at_the_slower_pace(ray_local):
+    """The session's own log monitor (a process Ray spawned, not this one) runs with ``LOCAL_ENV``: the variable
+    must reach it through the environment it inherits at start, or it lists the log folder every 0.1 s."""
+    import psutil
+    import ray
+
+    from pipelines.runtime import LOCAL_ENV
+
+    session = ray._private.worker.global_worker.node.get_session_dir_path()
+    monitors = [p for p in psutil.process_iter(["cmdline"])
+                if any(a.endswith("log_monitor.py") for a in p.info["cmdline"] or ())
+                and f"--session-dir={session}" in p.info["cmdline"]]  # fmt: skip
+    assert len(monitors) == 1, monitors
+    env = monitors[0].environ()
+    assert {k: env.get(k) for k in LOCAL_ENV} == LOCAL_ENV
+
+
 def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local):
     """The progress count (and the steady rate taken from it) follows blocks as they leave the stage before the
     sink. The sink's write is bundled up to a file of rows by Ray Data, so a counting step fused into it would count
