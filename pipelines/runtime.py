@@ -32,20 +32,15 @@ LOCAL_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 
 def init_local_ray(**kwargs) -> None:
-    """Start a local Ray (a pipeline's, the test session's) with ``local_ray_args`` and ``LOCAL_ENV`` (where the
-    environment does not set those variables already)."""
+    """Start a local Ray (a pipeline's, the test session's) with ``LOCAL_SYSTEM_CONFIG``, ``WORKER_ENV`` and
+    ``LOCAL_ENV`` (where the environment does not set those variables already); ``kwargs`` go to ``ray.init``.
+    Fresh dicts each call: Ray writes the session's spill directory into the system config it is given."""
     import ray
 
     for k, v in LOCAL_ENV.items():
         os.environ.setdefault(k, v)
-    ray.init(**local_ray_args(), **kwargs)
-
-
-def local_ray_args() -> dict:
-    """``ray.init`` keywords of a local Ray started here (a pipeline's, the test session's). Fresh dicts each call:
-    Ray writes the session's spill directory into the system config it is given."""
-    return {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "include_dashboard": False,
-            "_system_config": dict(LOCAL_SYSTEM_CONFIG)}  # fmt: skip
+    ray.init(runtime_env={"env_vars": dict(WORKER_ENV)}, include_dashboard=False,
+             _system_config=dict(LOCAL_SYSTEM_CONFIG), **kwargs)  # fmt: skip
 
 
 @contextmanager
