@@ -280,15 +280,16 @@ def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int):
     output file (the object store limit leaves room for several, ``store_limit``).
     """
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     job, inp = p.job, p.input
     DataContext.get_current().target_max_block_size = int(p.block_mb * 2**20)
     columns = list(dict.fromkeys(([] if job.add_ids else [job.id_column]) + [job.text_column, *job.keep_columns]))
     # Two read tasks per model replica keep its tokenizer fed (one streams thousands of rows/s) while bounding the
     # memory that reads hold (operators.io.read_input): memory then follows the cluster, not the number of files.
+    reads = 2 * p.embed.replicas
     ds = out.read(inp, columns=columns, num_cpus=job.io_num_cpus, add_ids=job.add_ids, id_column=job.id_column,
-                  concurrency=2 * p.embed.replicas)  # fmt: skip
+                  concurrency=reads)  # fmt: skip
     if ds is None:
         return None
     registry = None
@@ -296,12 +297,17 @@ def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int):
         shard = ray.remote(num_cpus=0)(IdRegistry)
         registry = [shard.remote() for _ in range(p.validate.id_shards)]
         preload_registry(out, registry, id_column=job.id_column, num_cpus=job.io_num_cpus)
+    # Validation runs in the read tasks (Ray Data fuses the two): a block at a time (batch_size=None; Ray Data does
+    # not fuse a read with a map that asks for a batch size) and a task pool of the read's size (a pool of another
+    # size is not fused either). Unfused, every block made one more trip through the object store, one more task
+    # with its worker process, and one more operator in the driver's scheduling loop (issue 9 note).
     ds = ds.map_batches(
         validate_rows,
         fn_kwargs={"cfg": p.validate, "registry": registry},
-        batch_size=p.tokenize.batch_size,
+        batch_size=None,
         batch_format="pyarrow",  # the columns it does not check pass through as they were read
         num_cpus=job.io_num_cpus,
+        compute=TaskPoolStrategy(size=reads),
         udf_modifying_row_count=False,
     )
     # Tokenizer and Embedder take and return Arrow tables: token ids and vectors cross as flat buffers

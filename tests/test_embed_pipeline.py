@@ -246,6 +246,8 @@ def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path)
     assert DataContext.get_current().execution_options.resource_limits.object_store_memory == driver_limit
     sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None)]
     assert sum(sizes) == 6000 and len(sizes) >= 6
+    # validation ran inside the read tasks: a batch size or a task pool of another size on it would undo the fusion
+    assert "ReadProvenance->MapBatches(validate_rows)" in ds.stats()
 
 
 def test_local_ray_reuses_idle_task_workers(ray_local):
