@@ -210,10 +210,13 @@ def build_dataset(p: ScorePlan, out):
             num_cpus=job.io_num_cpus,
             udf_modifying_row_count=False,
         )
+    # A block at a time (batch_size=None), so that Ray Data fuses validation into the read tasks (it fuses a read
+    # only with a map that takes whole blocks), or into the text lookups before it: no trip through the object store
+    # and no task of its own (embed's validation does the same, pipelines/embed.py).
     ds = ds.map_batches(
         validate_training_table,
         fn_kwargs={"cfg": p.rows},
-        batch_size=p.teacher.batch_size,
+        batch_size=None,
         num_cpus=job.io_num_cpus,
         udf_modifying_row_count=False,
     )

@@ -177,6 +177,21 @@ def test_kalm_score_end_to_end_with_bad_rows(ray_local, tiny_cross_encoder, tmp_
     assert ds.num_rows == 12 and set(ds.column_names) >= {"query", "pos", "neg", "pos_scores", "neg_scores"}
 
 
+def test_score_validates_inside_the_read_tasks(ray_local, tiny_cross_encoder, tmp_path):
+    """Ray Data fuses the validation into the read only while it takes whole blocks: a batch size would undo it."""
+    from pipelines.output import open_output
+    from pipelines.score import ScoreJobConfig, build_dataset, plan
+
+    src = tmp_path / "train.jsonl"
+    _write_jsonl(src, _rows() * 3)
+    job = ScoreJobConfig(input=str(src), teacher=str(tiny_cross_encoder), teacher_kind="cross-encoder",
+                         max_length=32, batch_size=3, block_mb=0.001)  # fmt: skip
+    out = open_output(str(tmp_path / "out"), job.storage(), {}, overwrite=False)
+    ds = build_dataset(plan(job, gpus_in_cluster=0), out)
+    assert sum(len(b["query"]) for b in ds.iter_batches(batch_size=None)) == 12
+    assert "ReadProvenance->MapBatches(validate_training_table)" in ds.stats()
+
+
 def test_score_refuses_input_without_query_column(tmp_path, tiny_cross_encoder, capsys):
     _write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "pos": ["a"]}])
     rc = main(["score", "--input", str(tmp_path / "x.jsonl"), "--teacher", str(tiny_cross_encoder)])
