@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,26 @@ def weights_sha256(info: ModelInfo) -> str:
     return h.hexdigest()
 
 
+def cpu_has_amx_bf16(capabilities: Mapping | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX: Xeon Sapphire Rapids and later).
+
+    ``capabilities``: ``torch.cpu.get_capabilities()`` (what CPUID and the OS allow), asked when None; a torch too old
+    to have it answers False. On such a CPU oneDNN runs bf16 matmuls on the AMX tiles: all-MiniLM-L6-v2 embedded
+    175-210 rows/s on one core in bf16 against 62-64 in float32, and ``kalm bench`` on 2 cores measured 2.9x
+    (issue 9 note). AVX512-BF16 alone (Cooper Lake, AMD Zen 4) and Arm's bf16 were not measured.
+    """
+    if capabilities is None:
+        import torch
+
+        get = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = get() if get is not None else {}
+    return bool(capabilities.get("amx_bf16"))
+
+
 def resolve_compute_dtype(name: str, device: str):
-    """'auto' means bf16 on CUDA (KaLM's inference dtype) and float32 on CPU, where half types are slow."""
+    """'auto' means bf16 on CUDA (KaLM's inference dtype) and float32 on CPU: bf16 is emulated and slow on most CPUs,
+    and float32 gives the same vectors on every CPU. On a CPU with AMX (``cpu_has_amx_bf16``) 'bfloat16' is ~3x
+    faster, within cosine 0.999 of float32; it is asked for, not chosen, since a cluster's nodes may differ."""
     import torch
 
     if name not in COMPUTE_DTYPES:

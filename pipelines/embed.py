@@ -21,7 +21,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
-from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
+from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node, suggest_cpu_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ def run(job: EmbedJobConfig) -> dict:
     def build(out, gpus):
         q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
+        suggest_cpu_bf16(job.compute_dtype, q.embed.num_gpus)
         rows_in_file = job.rows_per_file or rows_per_file(q.embed)
         sink = RowSink(
             out.root,

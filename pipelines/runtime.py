@@ -5,6 +5,7 @@ The address comes from ``--address`` or ``RAY_ADDRESS`` (Ray's own convention); 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -68,6 +69,20 @@ def ray_session(address: str | None = None):
         yield time.perf_counter() - t0
     finally:
         ray.shutdown()
+
+
+@functools.lru_cache(maxsize=1)
+def suggest_cpu_bf16(compute_dtype: str, num_gpus: float) -> bool:
+    """Log, once per driver, that ``--compute-dtype bfloat16`` would be ~3x faster, where a model stage runs on CPU in
+    float32 (``auto``) and this machine's CPU has AMX (``operators.model.cpu_has_amx_bf16``). Not switched on by
+    itself: ``auto`` keeps float32 on CPU (``resolve_compute_dtype`` says why). Returns whether it logged."""
+    from operators.model import cpu_has_amx_bf16
+
+    if compute_dtype != "auto" or num_gpus > 0 or not cpu_has_amx_bf16():
+        return False
+    logger.info("this CPU has AMX: --compute-dtype bfloat16 embeds ~3x faster than the float32 that auto uses on CPU "
+                "(vectors within cosine 0.999 of float32)")  # fmt: skip
+    return True
 
 
 AUTO = "auto"

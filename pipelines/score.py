@@ -23,7 +23,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.embed import block_mb_for, forward_limits
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
-from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node
+from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node, suggest_cpu_bf16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +245,7 @@ def run(job: ScoreJobConfig) -> dict:
     def build(out, gpus):
         q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
+        suggest_cpu_bf16(job.compute_dtype, q.teacher.num_gpus)
         sink = RowSink(
             out.root,
             columns=q.output_columns(),
