@@ -73,15 +73,17 @@ def ray_session(address: str | None = None):
 
 @functools.lru_cache(maxsize=1)
 def suggest_cpu_bf16(compute_dtype: str, num_gpus: float) -> bool:
-    """Log, once per driver, that ``--compute-dtype bfloat16`` would be ~3x faster, where a model stage runs on CPU in
-    float32 (``auto``) and this machine's CPU has AMX (``operators.model.cpu_has_amx_bf16``). Not switched on by
-    itself: ``auto`` keeps float32 on CPU (``resolve_compute_dtype`` says why). Returns whether it logged."""
+    """Log that ``--compute-dtype bfloat16`` would be ~3x faster, where a model stage runs on CPU in float32
+    (``auto``) and the driver's CPU has AMX (``operators.model.cpu_has_amx_bf16``; on a cluster of one instance type,
+    the workers' too). Once per driver while the settings stay the same (a distill run's stages share them). Not
+    switched on by itself: ``auto`` keeps float32 on CPU (``resolve_compute_dtype`` says why). Returns whether it
+    logged."""
     from operators.model import cpu_has_amx_bf16
 
     if compute_dtype != "auto" or num_gpus > 0 or not cpu_has_amx_bf16():
         return False
-    logger.info("this CPU has AMX: --compute-dtype bfloat16 embeds ~3x faster than the float32 that auto uses on CPU "
-                "(vectors within cosine 0.999 of float32)")  # fmt: skip
+    logger.info("this machine's CPU has AMX: --compute-dtype bfloat16 runs the model ~3x faster than the float32 "
+                "that auto uses on CPU (vectors within cosine 0.999 of float32)")  # fmt: skip
     return True
 
 
