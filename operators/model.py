@@ -149,7 +149,7 @@ def cpu_has_amx_bf16(capabilities: Mapping | None = None) -> bool:
 
 
 def resolve_compute_dtype(name: str, device: str):
-    """'auto' means bf16 on CUDA (KaLM's inference dtype) and float32 on CPU: bf16 is emulated and slow on most CPUs,
+    """'auto' means bf16 on CUDA (KaLM's inference dtype) and float32 on CPU: most CPUs have no bf16 matrix unit,
     and float32 gives the same vectors on every CPU. On a CPU with AMX (``cpu_has_amx_bf16``) 'bfloat16' is ~3x
     faster, within cosine 0.999 of float32; it is asked for, not chosen, since a cluster's nodes may differ."""
     import torch
