@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from operators.arrow import vectors
-from operators.embed import EmbedConfig, Embedder
+from operators.embed import EmbedConfig, Embedder, plan_token_batches
 from operators.model import inspect_model, load_model
 from operators.tokenize import TokenizeConfig, Tokenizer, apply_prompt
 from operators.validate import REJECT_COLUMN, IdRegistry, ValidateConfig, id_key, reject_reasons, validate_rows
@@ -380,12 +380,21 @@ def test_bf16_on_cpu_stays_close_to_sentence_transformers_float32(default_model)
     assert worst["float32"] >= 0.99999 and 0.999 <= worst["bfloat16"] < 0.99999, worst
 
 
-@pytest.mark.slow  # ~40 s of inductor compiling on 2 cores
-def test_compiled_embedder_equals_eager(tiny_bert):
-    info = inspect_model(tiny_bert)
-    table = Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS * 3))
-    eager = vectors(Embedder(EmbedConfig(model=info))(table), "embedding")
-    compiled = Embedder(EmbedConfig(model=info, compile=True, max_rows=4))  # several batch shapes, one graph
+@pytest.mark.slow  # ~40 s of inductor compiling on 2 cores per model
+@pytest.mark.parametrize("decoder", [False, True])
+def test_compiled_embedder_equals_eager(tiny_bert, tiny_qwen2, decoder):
+    """``--compile`` is the GPU fast path for small-width models (issue 9): the encoder, and a decoder with
+    bidirectional attention whose mask builder takes another branch when a batch has no padding. 4 rows a forward:
+    padded and unpadded batches of several shapes through one dynamic graph."""
+    model = tiny_qwen2 if decoder else tiny_bert
+    info = inspect_model(model)
+    table = Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS * 4 + TEXTS[:1]))
+    lengths = np.asarray(table.column("num_tokens"))
+    padded = [len(set(lengths[g])) > 1 for g in plan_token_batches(lengths, 10_000, 4)]
+    assert any(padded) and not all(padded) and len(padded) > 2, padded
+    eager = vectors(Embedder(EmbedConfig(model=info, bidirectional=decoder))(table), "embedding")
+    np.testing.assert_allclose(eager[: len(TEXTS)], _reference(model, TEXTS, bidirectional=decoder), atol=1e-5)
+    compiled = Embedder(EmbedConfig(model=info, bidirectional=decoder, compile=True, max_rows=4))
     np.testing.assert_allclose(vectors(compiled(table), "embedding"), eager, atol=1e-5)
 
 
