@@ -6,7 +6,8 @@ It checks and measures, in one run:
    model on the same GPU, cosine per row;
 3. throughput of the Embedder in bf16 for all-MiniLM-L6-v2 (real texts) and a randomly initialised
    Qwen2-0.5B-shaped model with bidirectional attention (token lengths of the real texts): tokens/s, rows/s,
-   model FLOP/s and MFU, over a few token budgets, eager, then compiled (``--compile``) at the largest;
+   model FLOP/s and MFU, over a few token budgets, eager, then compiled (``--compile``) at the largest; the
+   0.5B model's largest budget profiled, eager and compiled (the top ops, full tables beside ``--out``);
 4. Tokenizer throughput on CPU (to size tokenizer actors per GPU).
 
 Usage: python tests/gpu/gpu_check.py --minilm DIR --out results.json [--quick] [--device cuda]
@@ -52,10 +53,29 @@ def run_embedder(emb: Embedder, batch, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: float, **cfg) -> list[dict]:
+def profile(emb: Embedder, batch, dev: str, path: Path, rows: int = 8192, top: int = 15) -> list[dict]:
+    """One call of ``rows`` rows under torch.profiler: the ops (kernels on CUDA) that took the most self time,
+    as a share of all; the full table goes to ``path``. Where a forward's time goes besides the matmuls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+    with torch_profile(activities=acts) as prof:
+        run_embedder(emb, batch.slice(0, rows), dev)
+    events = prof.key_averages()
+    path.write_text(events.table(sort_by=key, row_limit=60))
+    total = sum(getattr(e, key) for e in events) or 1
+    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"op": e.key[:120], "share": round(getattr(e, key) / total, 4), "calls": e.count} for e in ranked]
+
+
+def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: float, profile_to: Path | None = None,
+          **cfg) -> list[dict]:  # fmt: skip
     """Embedder throughput over token budgets: rows/s, tokens/s (real tokens), model TFLOP/s and MFU. With
     ``compile=True`` the warm-up is a whole pass (every batch shape compiled or reused before the timed pass) and
-    its seconds are reported: what a replica pays once at start."""
+    its seconds are reported: what a replica pays once at start. ``profile_to``: the last budget's Embedder is then
+    profiled (``profile``) into that file and its top ops reported."""
     lengths = np.asarray(batch.column("num_tokens")).astype(np.int64)
     results = []
     for mt in budgets:
@@ -67,6 +87,8 @@ def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: floa
         r = {"max_tokens": mt, "rows_per_s": round(len(lengths) / dt, 1), "tokens_per_s": round(lengths.sum() / dt),
              "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4), "warm_up_s": round(warm_s, 1),
              **{k: v for k, v in cfg.items() if k != "bidirectional"}}  # fmt: skip
+        if profile_to is not None and mt == budgets[-1]:
+            r["profile"] = profile(emb, batch, dev, profile_to)
         results.append(r)
         print(name, r, flush=True)
         del emb
@@ -155,14 +177,17 @@ def main():
                    "num_tokens": qlen.astype(np.int32), "_reject": [""] * len(qlen)})  # fmt: skip
     if not args.quick:
         qb = qb.slice(0, 3 * len(texts))
-    res["qwen2_05b_bf16_bidirectional"] = sweep("qwen2-0.5b", qinfo, qb, budgets, dev, peak, bidirectional=True)
+    outdir = Path(args.out).parent
+    res["qwen2_05b_bf16_bidirectional"] = sweep("qwen2-0.5b", qinfo, qb, budgets, dev, peak, bidirectional=True,
+                                                profile_to=outdir / "profile-qwen2-eager.txt")  # fmt: skip
     Path(args.out).write_text(json.dumps(res, indent=2))  # kept if the compiled runs below overrun the lease
 
     # 3c. torch.compile (``--compile``) at the largest budget: eager runs every RMSNorm, rotary, SiLU-and-mul and
     # residual add as its own kernel over the whole activation, which for a 896-wide model moves about as many
     # bytes per token as the matmuls take time; inductor fuses them. Qwen2 first: its MFU is the issue's goal.
     res["qwen2_05b_bf16_bidirectional_compiled"] = sweep("qwen2-0.5b compiled", qinfo, qb, budgets[-1:], dev, peak,
-                                                         bidirectional=True, compile=True)  # fmt: skip
+                                                         bidirectional=True, compile=True,
+                                                         profile_to=outdir / "profile-qwen2-compiled.txt")  # fmt: skip
     Path(args.out).write_text(json.dumps(res, indent=2))
     b_all = b if args.quick else b.slice(0, 3 * len(texts))
     res["minilm_bf16_compiled"] = sweep("minilm compiled", info, b_all, budgets[-1:], dev, peak, compile=True)
