@@ -383,9 +383,9 @@ def test_bf16_on_cpu_stays_close_to_sentence_transformers_float32(default_model)
 @pytest.mark.slow  # ~40 s of inductor compiling on 2 cores per model
 @pytest.mark.parametrize("decoder", [False, True])
 def test_compiled_embedder_equals_eager(tiny_bert, tiny_qwen2, decoder):
-    """``--compile`` is the GPU fast path for small-width models (issue 9): the encoder, and a decoder with
-    bidirectional attention whose mask builder takes another branch when a batch has no padding. 4 rows a forward:
-    padded and unpadded batches of several shapes through one dynamic graph."""
+    """``--compile`` (issue 9's lever for small-width models on GPU, where it is yet to be measured): the encoder,
+    and a decoder with bidirectional attention whose mask builder takes another branch when a batch has no padding.
+    4 rows a forward: padded and unpadded batches of several shapes through one dynamic graph."""
     model = tiny_qwen2 if decoder else tiny_bert
     info = inspect_model(model)
     table = Tokenizer(TokenizeConfig(model=info, max_length=64))(_batch(TEXTS * 4 + TEXTS[:1]))
