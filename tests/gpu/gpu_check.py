@@ -56,6 +56,7 @@ def run_embedder(emb: Embedder, batch, device: str) -> float:
 def profile(emb: Embedder, batch, dev: str, path: Path, rows: int = 8192, top: int = 15) -> list[dict]:
     """One call of ``rows`` rows under torch.profiler: the ops (kernels on CUDA) that took the most self time,
     as a share of all; the full table goes to ``path``. Where a forward's time goes besides the matmuls."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -65,6 +66,9 @@ def profile(emb: Embedder, batch, dev: str, path: Path, rows: int = 8192, top: i
         run_embedder(emb, batch.slice(0, rows), dev)
     events = prof.key_averages()
     path.write_text(events.table(sort_by=key, row_limit=60))
+    if dev == "cuda":
+        # The kernels only, as the table's own total: the CPU op that launched a kernel carries its device time too.
+        events = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     total = sum(getattr(e, key) for e in events) or 1
     ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
     return [{"op": e.key[:120], "share": round(getattr(e, key) / total, 4), "calls": e.count} for e in ranked]
