@@ -21,6 +21,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
 from pipelines.output import Output, preload_registry
+from pipelines.progress import Tally
 from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node, suggest_cpu_bf16
 
 logger = logging.getLogger(__name__)
@@ -273,11 +274,12 @@ def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:
     return out
 
 
-def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int):
+def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int, tally: Tally | None = None):
     """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors); None if all is done.
 
     ``out``: what earlier attempts committed; their rows are not read again. ``rows_in_file``: the sink's rows per
-    output file (the object store limit leaves room for several, ``store_limit``).
+    output file (the object store limit leaves room for several, ``store_limit``). ``tally``: the model actors
+    count the rows they embed there (``progress.Tally``).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -323,7 +325,7 @@ def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int):
         **POOL_ACTOR,
     )
     ds = ds.map_batches(
-        Embedder,
+        Embedder if tally is None else tally.counted(Embedder),
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
         batch_format="pyarrow",
@@ -356,7 +358,7 @@ def run(job: EmbedJobConfig) -> dict:
     keep = tuple(c for c in job.keep_columns if c != job.id_column)
     resolved = {}
 
-    def build(out, gpus):
+    def build(out, gpus, tally):
         q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
         suggest_cpu_bf16(job.compute_dtype, q.embed.num_gpus)
@@ -371,7 +373,7 @@ def run(job: EmbedJobConfig) -> dict:
             filesystem=out.fs,
             attempt=out.attempt,
         )
-        return build_dataset(q, out, rows_in_file), sink
+        return build_dataset(q, out, rows_in_file, tally), sink
 
     def describe() -> dict:
         q = resolved["plan"]

@@ -15,7 +15,7 @@ from operators.io import InputFiles
 from operators.sink import RowSink
 from operators.storage import StorageConfig
 from pipelines.output import open_output
-from pipelines.progress import count_tasks, parquet_rows, track
+from pipelines.progress import Tally, count_tasks, parquet_rows, track
 from pipelines.runtime import cluster_cpu_nodes, cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,15 @@ def execute(
 ) -> dict:
     """Run one attempt and return the manifest (also written to ``{output}/_manifest.json``).
 
-    ``build(out, gpus_in_cluster) -> (dataset or None, RowSink)`` is called inside the Ray session; ``describe()``
-    adds the pipeline's own manifest sections after the run.
+    ``build(out, gpus_in_cluster, tally) -> (dataset or None, RowSink)`` is called inside the Ray session: a dataset
+    whose last step before the sink is an actor counts its rows there (``tally.counted``), else a counting step is
+    added after it. ``describe()`` adds the pipeline's own manifest sections after the run.
     """
     t_start = time.perf_counter()
     out = open_output(output, storage, fingerprint, overwrite=overwrite)
     with ray_session(address) as ray_start_s:
-        ds, sink = build(out, cluster_gpus())
+        tally = Tally()
+        ds, sink = build(out, cluster_gpus(), tally)
         assert isinstance(sink, RowSink)
         t_pipe = time.perf_counter()
         steady = None
@@ -67,10 +69,10 @@ def execute(
                 total = parquet_rows(inp, todo)
                 return None if total is None else total - partly_done
 
-            with track(f"{command} ({posixpath.basename(output.rstrip('/'))})", remaining) as tracker:
-                tracker.wrap(ds, count_tasks(sum(cluster_cpu_nodes()))).write_datasink(
-                    sink, ray_remote_args={"num_cpus": io_num_cpus}
-                )
+            with track(f"{command} ({posixpath.basename(output.rstrip('/'))})", remaining, tally) as tracker:
+                if not tally.inside:
+                    ds = tracker.wrap(ds, count_tasks(sum(cluster_cpu_nodes())))
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": io_num_cpus})
             steady = tracker.steady_rows_per_s
         else:
             logger.info("every input row of %s is already committed; nothing to do", output)

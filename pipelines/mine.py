@@ -48,6 +48,7 @@ from pipelines import defaults, embed
 from pipelines.config import ConfigError, Replicas, StorageSettings, check_ranges, to_dict
 from pipelines.faults import INDEX_ACTOR, POOL_ACTOR, StallError, stall_s
 from pipelines.job import execute, stage_row
+from pipelines.progress import Tally
 from pipelines.runtime import cluster_cpu_nodes, cluster_gpus, ray_session
 
 logger = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def _prepare_text_queries(job: MineJobConfig, q: InputFiles) -> None:
     fingerprint = {"queries": job.queries, "columns": [job.query_id_column, job.query_column, job.pos_column,
                    job.neg_column], "negatives_in_pool": job.corpus is None}  # fmt: skip
 
-    def queries(o, gpus):
+    def queries(o, gpus, tally):
         ds = o.read(q, columns=None, num_cpus=0.25, add_ids=derive_ids, id_column=job.query_id_column)
         if ds is not None:
             ds = ds.map_batches(text_queries, fn_kwargs={"rows": rows, "query_id_column": job.query_id_column,
@@ -237,7 +238,7 @@ def _prepare_text_queries(job: MineJobConfig, q: InputFiles) -> None:
         return ds, RowSink(o.root, columns=cols, filesystem=o.fs, attempt=o.attempt, id_column=job.query_id_column,
                            reject_columns=())  # fmt: skip
 
-    def pool(o, gpus):
+    def pool(o, gpus, tally):
         ds = o.read(q, columns=None, num_cpus=0.25)
         if ds is not None:
             ds = ds.map_batches(pool_texts, fn_kwargs={"rows": rows, "negatives": job.corpus is None},
@@ -517,7 +518,7 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
         teacher = _teacher(job)
         vectors = resolve_input(query_job.output, "parquet", job.storage())
 
-        def build(out, gpus):
+        def build(out, gpus, tally):
             from ray.data import ActorPoolStrategy
 
             ds = out.read(vectors, columns=None, num_cpus=0.25)
@@ -540,7 +541,8 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
                     )
                 # The teacher's batch size: a selector batch gathering 1024 teacher outputs would hold back both the
                 # write and the progress count for 16 teacher calls.
-                ds = _selected(ds, mcfg, texts, batch_size=teacher.batch_size if teacher else job.search_batch)
+                ds = _selected(ds, mcfg, texts, batch_size=teacher.batch_size if teacher else job.search_batch,
+                               tally=tally)  # fmt: skip
             return ds, _candidates_sink(out, job.query_id_column)
 
         settings = to_dict(job)
@@ -582,8 +584,10 @@ def _text_store(job, inputs: Inputs) -> list:
     return texts
 
 
-def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024):
-    return ds.map_batches(NegativeSelector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts},
+def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024, tally: Tally | None = None):
+    """``ds`` through the NegativeSelector actors, which count their output rows in ``tally``, if given."""
+    selector = NegativeSelector if tally is None else tally.counted(NegativeSelector)
+    return ds.map_batches(selector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts},
                           batch_size=batch_size, compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False,
                           **POOL_ACTOR)  # fmt: skip
 
@@ -612,7 +616,7 @@ def write_training(job, mined: MineJobConfig, root: str, mcfg: MineConfig, texts
     fingerprint = {**fingerprint, "prompt": prompt}
     qid = mcfg.query_id_column
 
-    def jsonl(out, gpus):
+    def jsonl(out, gpus, tally):
         ds = out.read(candidates, columns=None, num_cpus=0.25)
         if ds is not None:
             ds = ds.map_batches(training_rows, fn_kwargs={"cfg": mcfg, "texts": texts, "prompt": prompt},
@@ -622,7 +626,7 @@ def write_training(job, mined: MineJobConfig, root: str, mcfg: MineConfig, texts
                        rows_per_file=50_000, id_column=qid, reject_columns=())  # fmt: skip
         return ds, sink
 
-    def st(out, gpus):
+    def st(out, gpus, tally):
         ds = out.read(candidates, columns=None, num_cpus=0.25)
         if ds is not None:
             ds = ds.map_batches(st_rows, fn_kwargs={"cfg": mcfg, "texts": texts}, batch_size=4096, num_cpus=0.25,
@@ -710,9 +714,10 @@ def run_select(job: SelectJobConfig) -> dict:
                           pool=have)  # fmt: skip
         texts = _text_store(job, _inputs(replace(mine_job, output=src), report.get("text_positives", False)))
 
-        def build(out, gpus):
+        def build(out, gpus, tally):
             ds = out.read(candidates, columns=None, num_cpus=0.25)
-            return (None if ds is None else _selected(ds, mcfg, texts)), _candidates_sink(out, mcfg.query_id_column)
+            selected = None if ds is None else _selected(ds, mcfg, texts, tally=tally)
+            return selected, _candidates_sink(out, mcfg.query_id_column)
 
         settings = to_dict(job)
         fingerprint = {k: v for k, v in settings.items() if k not in RUN_ONLY}

@@ -23,6 +23,7 @@ from pipelines.config import ConfigError, Replicas, StorageSettings, check_range
 from pipelines.embed import block_mb_for, forward_limits
 from pipelines.faults import POOL_ACTOR
 from pipelines.job import execute
+from pipelines.progress import Tally
 from pipelines.runtime import cluster_cpu_nodes, replicas_for, replicas_per_node, suggest_cpu_bf16
 
 
@@ -187,7 +188,9 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes
     return ScorePlan(job, inp, output, rows, teacher, block_mb, queries=queries, corpus=corpus, ids=ids)
 
 
-def build_dataset(p: ScorePlan, out):
+def build_dataset(p: ScorePlan, out, tally: Tally | None = None):
+    """read -> texts looked up by id (when the rows carry ids) -> validate -> teacher scores; None if all is done.
+    ``tally``: the teacher actors count the rows they score there (``progress.Tally``)."""
     from ray.data import ActorPoolStrategy, DataContext
 
     job = p.job
@@ -221,7 +224,7 @@ def build_dataset(p: ScorePlan, out):
         udf_modifying_row_count=False,
     )
     return ds.map_batches(
-        TeacherScorer,
+        TeacherScorer if tally is None else tally.counted(TeacherScorer),
         fn_constructor_kwargs={"cfg": p.teacher},
         batch_size=p.teacher.batch_size,
         compute=ActorPoolStrategy(size=p.teacher.replicas),
@@ -242,7 +245,7 @@ def run(job: ScoreJobConfig) -> dict:
     fingerprint.update(queries=job.queries, corpus=job.corpus)
     resolved = {}
 
-    def build(out, gpus):
+    def build(out, gpus, tally):
         q = plan(job, gpus_in_cluster=gpus, cpu_nodes=cluster_cpu_nodes(), inp=p.input)
         resolved["plan"] = q
         suggest_cpu_bf16(job.compute_dtype, q.teacher.num_gpus)
@@ -254,7 +257,7 @@ def run(job: ScoreJobConfig) -> dict:
             filesystem=out.fs,
             attempt=out.attempt,
         )
-        return build_dataset(q, out), sink
+        return build_dataset(q, out, tally), sink
 
     def describe() -> dict:
         t = resolved["plan"].teacher

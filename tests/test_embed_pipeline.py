@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.cli import EXIT_BAD_CONFIG, main
 from tests.reference import reference as _reference
@@ -295,17 +296,30 @@ def test_local_ray_log_monitor_lists_files_at_the_slower_pace(ray_local):
     assert {k: env.get(k) for k in LOCAL_ENV} == LOCAL_ENV
 
 
-def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local):
+class _Slow:
+    """A callable class standing in for a model stage: 0.4 s a call, output rows tagged as ``input_rows`` counts
+    them."""
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import time
+
+        from operators.io import ROW_COLUMN, SOURCE_COLUMN
+
+        time.sleep(0.4)
+        return pa.table({"id": batch["id"], SOURCE_COLUMN: np.full(len(batch["id"]), "f", dtype=object),
+                         ROW_COLUMN: batch["id"]})  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["counting step", "inside the actor"])
+def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local, where):
     """The progress count (and the steady rate taken from it) follows blocks as they leave the stage before the
-    sink. The sink's write is bundled up to a file of rows by Ray Data, so a counting step fused into it would count
-    every row at the end: here all six blocks, produced over ~2.4 s, would be counted within a moment."""
-    import time
-
+    sink: counted by a step of its own after the stage, or by the stage's own actor (``Tally.counted``). The sink's
+    write is bundled up to a file of rows by Ray Data, so a count fused into it would count every row at the end:
+    here all six blocks, produced over ~2.4 s, would be counted within a moment."""
     import ray
-    from ray.data import Datasink
+    from ray.data import ActorPoolStrategy, Datasink
 
-    from operators.io import ROW_COLUMN, SOURCE_COLUMN
-    from pipelines.progress import track
+    from pipelines.progress import Tally, track
 
     class OneFile(Datasink):
         @property
@@ -316,16 +330,31 @@ def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local):
             for _ in blocks:
                 pass
 
-    def slow(batch: dict) -> dict:
-        time.sleep(0.4)
-        return {"id": batch["id"], SOURCE_COLUMN: np.full(len(batch["id"]), "f", dtype=object),
-                ROW_COLUMN: batch["id"]}  # fmt: skip
-
-    ds = ray.data.range(600, override_num_blocks=6).map_batches(slow, batch_size=None, concurrency=1, num_cpus=0.25)
-    with track("count test", lambda: 600) as tracker:
-        counted = tracker.wrap(ds, tasks=2)
-        assert counted._logical_plan.dag.compute.size == 2  # at most two counting tasks at once
+    tally = Tally()
+    inside = where == "inside the actor"
+    ds = ray.data.range(600, override_num_blocks=6).map_batches(
+        tally.counted(_Slow) if inside else _Slow, batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=0.25
+    )  # fmt: skip
+    assert tally.inside == inside
+    with track("count test", lambda: 600, tally) as tracker:
+        if inside:
+            counted = ds
+            assert "_Slow" in ds._logical_plan.dag.name  # the stage keeps its name in Ray's logs and dashboard
+        else:
+            counted = tracker.wrap(ds, tasks=2)
+            assert counted._logical_plan.dag.compute.size == 2  # at most two counting tasks at once
         counted.write_datasink(OneFile(), ray_remote_args={"num_cpus": 0.25})
         line = ray.get(tracker.counter.timeline.remote(tracker.key))
     assert line[-1][1] == 600
     assert line[-1][0] - line[0][0] > 1.0, line
+
+
+def test_a_stage_that_yields_cannot_count_inside(ray_local):
+    from pipelines.progress import Tally
+
+    class Yields:
+        def __call__(self, batch):
+            yield batch
+
+    with pytest.raises(TypeError, match="Yields.__call__ yields batches"):
+        Tally().counted(Yields)
