@@ -2,10 +2,11 @@
 
 Ray Data draws its own bars, but their totals are estimates that go wrong when a task emits several blocks (a
 read task splitting a file, a model stage re-batching), so an ETA cannot be built on them. Here the rows are
-counted as they leave the pipeline's last stage, just before the sink, by a pass-through step that reports to a
-small counter actor, and the total is exact where the input says it: the Parquet footers (every intermediate
-table of a run is Parquet). Line-based inputs (JSONL, CSV) have no row count before they are read; their
-progress shows rows and rows/s without an ETA.
+counted as they leave the pipeline's last stage, just before the sink, and reported to a small counter actor: by
+the stage's own actor where it is one (``Tally.counted``), else by a pass-through step after it (``Tracker.wrap``).
+The total is exact where the input says it: the Parquet footers (every intermediate table of a run is Parquet).
+Line-based inputs (JSONL, CSV) have no row count before they are read; their progress shows rows and rows/s
+without an ETA.
 
 ``KALM_PROGRESS_S`` sets the seconds between lines (default 15; 0 turns the lines off). The same count ends a
 stage that stops moving (``faults.stall_s``): the driver is interrupted and ``track`` raises ``StallError``.
