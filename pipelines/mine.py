@@ -231,8 +231,9 @@ def _prepare_text_queries(job: MineJobConfig, q: InputFiles) -> None:
     def queries(o, gpus, tally):
         ds = o.read(q, columns=None, num_cpus=0.25, add_ids=derive_ids, id_column=job.query_id_column)
         if ds is not None:
-            ds = ds.map_batches(text_queries, fn_kwargs={"rows": rows, "query_id_column": job.query_id_column,
-                                                         "positives_column": job.positives_column},
+            ds = ds.map_batches(tally.counted(text_queries),
+                                fn_kwargs={"rows": rows, "query_id_column": job.query_id_column,
+                                           "positives_column": job.positives_column},
                                 batch_size=4096, num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
         cols = (job.query_id_column, job.query_column, job.positives_column)
         return ds, RowSink(o.root, columns=cols, filesystem=o.fs, attempt=o.attempt, id_column=job.query_id_column,
@@ -241,7 +242,7 @@ def _prepare_text_queries(job: MineJobConfig, q: InputFiles) -> None:
     def pool(o, gpus, tally):
         ds = o.read(q, columns=None, num_cpus=0.25)
         if ds is not None:
-            ds = ds.map_batches(pool_texts, fn_kwargs={"rows": rows, "negatives": job.corpus is None},
+            ds = ds.map_batches(tally.counted(pool_texts), fn_kwargs={"rows": rows, "negatives": job.corpus is None},
                                 batch_size=4096, num_cpus=0.25, udf_modifying_row_count=True)  # fmt: skip
         return ds, RowSink(o.root, columns=("id", "text"), filesystem=o.fs, attempt=o.attempt, id_column="id",
                            reject_columns=())  # fmt: skip
@@ -619,8 +620,9 @@ def write_training(job, mined: MineJobConfig, root: str, mcfg: MineConfig, texts
     def jsonl(out, gpus, tally):
         ds = out.read(candidates, columns=None, num_cpus=0.25)
         if ds is not None:
-            ds = ds.map_batches(training_rows, fn_kwargs={"cfg": mcfg, "texts": texts, "prompt": prompt},
-                                batch_size=4096, num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
+            ds = ds.map_batches(tally.counted(training_rows),
+                                fn_kwargs={"cfg": mcfg, "texts": texts, "prompt": prompt}, batch_size=4096,
+                                num_cpus=0.25, udf_modifying_row_count=False)  # fmt: skip
         cols = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", qid, "pos_ids", "neg_ids")
         sink = RowSink(out.root, columns=cols, output_format="jsonl", filesystem=out.fs, attempt=out.attempt,
                        rows_per_file=50_000, id_column=qid, reject_columns=())  # fmt: skip
@@ -629,8 +631,8 @@ def write_training(job, mined: MineJobConfig, root: str, mcfg: MineConfig, texts
     def st(out, gpus, tally):
         ds = out.read(candidates, columns=None, num_cpus=0.25)
         if ds is not None:
-            ds = ds.map_batches(st_rows, fn_kwargs={"cfg": mcfg, "texts": texts}, batch_size=4096, num_cpus=0.25,
-                                udf_modifying_row_count=True)  # fmt: skip
+            ds = ds.map_batches(tally.counted(st_rows), fn_kwargs={"cfg": mcfg, "texts": texts}, batch_size=4096,
+                                num_cpus=0.25, udf_modifying_row_count=True)  # fmt: skip
         sink = RowSink(out.root, columns=st_columns(mcfg.select.num_negatives), filesystem=out.fs,
                        attempt=out.attempt, rows_per_file=100_000, id_column=qid, reject_columns=())  # fmt: skip
         return ds, sink

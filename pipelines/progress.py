@@ -3,7 +3,7 @@
 Ray Data draws its own bars, but their totals are estimates that go wrong when a task emits several blocks (a
 read task splitting a file, a model stage re-batching), so an ETA cannot be built on them. Here the rows are
 counted as they leave the pipeline's last stage, just before the sink, and reported to a small counter actor: by
-the stage's own actor where it is one (``Tally.counted``), else by a pass-through step after it (``Tracker.wrap``).
+the stage's own task or actor (``Tally.counted``), else by a pass-through step after it (``Tracker.wrap``).
 The total is exact where the input says it: the Parquet footers (every intermediate table of a run is Parquet).
 Line-based inputs (JSONL, CSV) have no row count before they are read; their progress shows rows and rows/s
 without an ETA.
@@ -14,6 +14,7 @@ stage that stops moving (``faults.stall_s``): the driver is interrupted and ``tr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -166,38 +167,48 @@ def count_rows(batch: pa.Table, counter, key: str) -> pa.Table:
     return batch
 
 
-def counted_class(cls: type, counter, key: str) -> type:
-    """``cls``, a Ray Data callable class whose ``__call__`` returns a table, with every call's output rows counted
-    (``count_rows``) before they leave the actor. A subclass of the same name, so that Ray shows the stage as before
-    (``MapBatches(Embedder)``); the constructor and everything else are ``cls``'s own. Built here rather than in
-    the operator: counting is the pipeline's concern, and operators import nothing from pipelines."""
-    if inspect.isgeneratorfunction(cls.__call__):
-        raise TypeError(f"{cls.__name__}.__call__ yields batches; only a stage that returns one can count its rows")
+def counted_udf(udf, counter, key: str):
+    """``udf``, a Ray Data map function or callable class that returns a table, with every call's output rows
+    counted (``count_rows``) before they leave the task or actor. A class becomes a subclass of the same name, so
+    that Ray shows the stage as before (``MapBatches(Embedder)``), its constructor and everything else its own; a
+    function keeps its name too. Built here rather than in the operator: counting is the pipeline's concern, and
+    operators import nothing from pipelines."""
+    call = udf.__call__ if isinstance(udf, type) else udf
+    if inspect.isgeneratorfunction(call):
+        raise TypeError(f"{udf.__name__} yields batches; only a stage that returns one can count its rows")
+    if isinstance(udf, type):
 
-    def __call__(self, batch):
-        return count_rows(cls.__call__(self, batch), counter, key)
+        def __call__(self, batch):
+            return count_rows(udf.__call__(self, batch), counter, key)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__, "__module__": __name__})
+        return type(udf.__name__, (udf,), {"__call__": __call__, "__doc__": udf.__doc__, "__module__": __name__})
+
+    @functools.wraps(udf)
+    def counted(batch, **kwargs):
+        return count_rows(udf(batch, **kwargs), counter, key)
+
+    return counted
 
 
 class Tally:
     """Where one stage's rows are counted: this driver's RowCounter in the session, under a key of the stage's own.
 
-    A pipeline whose last step before the sink is an actor counts inside it (``counted``): each call's output is
-    counted as the call returns. Otherwise ``execute`` adds a counting step of its own (``Tracker.wrap``), which
-    costs every output block one more task and one more copy through the object store (the step returns the block
-    it was given, and Ray Data stores a task's output anew): for ``kalm embed`` that is every vector written, and on
-    2 cores the counting tasks' worker took ~2.3% of a core (issue 9 note)."""
+    A pipeline counts inside its last step before the sink (``counted``): each call's output is counted as the call
+    returns. Where it does not, ``execute`` adds a counting step of its own (``Tracker.wrap``), which costs every
+    output block one more task and one more copy through the object store (the step returns the block it was
+    given, and Ray Data stores a task's output anew): for ``kalm embed`` that was every vector written, and on 2
+    cores the counting tasks' worker took ~2.3% of a core (issue 9 note)."""
 
     def __init__(self):
         self.counter = _session_counter()
         self.key = uuid.uuid4().hex
         self.inside = False  # set once a stage counts inside its actor: no counting step is then added
 
-    def counted(self, cls: type) -> type:
-        """``cls`` counting its output rows under this tally (``counted_class``); use it for the last stage only."""
+    def counted(self, udf):
+        """``udf`` (a map function or callable class) counting its output rows under this tally (``counted_udf``);
+        for the last step before the sink only."""
         self.inside = True
-        return counted_class(cls, self.counter, self.key)
+        return counted_udf(udf, self.counter, self.key)
 
 
 def eta_s(done: int, total: int | None, rate: float) -> float | None:

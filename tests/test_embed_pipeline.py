@@ -296,26 +296,30 @@ def test_local_ray_log_monitor_lists_files_at_the_slower_pace(ray_local):
     assert {k: env.get(k) for k in LOCAL_ENV} == LOCAL_ENV
 
 
+def _slow(batch: dict) -> pa.Table:
+    """A map step standing in for a model stage: 0.4 s a call, output rows tagged as ``input_rows`` counts them."""
+    import time
+
+    from operators.io import ROW_COLUMN, SOURCE_COLUMN
+
+    time.sleep(0.4)
+    return pa.table({"id": batch["id"], SOURCE_COLUMN: np.full(len(batch["id"]), "f", dtype=object),
+                     ROW_COLUMN: batch["id"]})  # fmt: skip
+
+
 class _Slow:
-    """A callable class standing in for a model stage: 0.4 s a call, output rows tagged as ``input_rows`` counts
-    them."""
+    """``_slow`` as a callable class (an actor stage)."""
 
     def __call__(self, batch: dict) -> pa.Table:
-        import time
-
-        from operators.io import ROW_COLUMN, SOURCE_COLUMN
-
-        time.sleep(0.4)
-        return pa.table({"id": batch["id"], SOURCE_COLUMN: np.full(len(batch["id"]), "f", dtype=object),
-                         ROW_COLUMN: batch["id"]})  # fmt: skip
+        return _slow(batch)
 
 
-@pytest.mark.parametrize("where", ["counting step", "inside the actor"])
+@pytest.mark.parametrize("where", ["counting step", "inside the actor", "inside the task"])
 def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local, where):
     """The progress count (and the steady rate taken from it) follows blocks as they leave the stage before the
-    sink: counted by a step of its own after the stage, or by the stage's own actor (``Tally.counted``). The sink's
-    write is bundled up to a file of rows by Ray Data, so a count fused into it would count every row at the end:
-    here all six blocks, produced over ~2.4 s, would be counted within a moment."""
+    sink: counted by a step of its own after the stage, or by the stage's own actor or task (``Tally.counted``). The
+    sink's write is bundled up to a file of rows by Ray Data, so a count fused into it would count every row at the
+    end: here all six blocks, produced over ~2.4 s, would be counted within a moment."""
     import ray
     from ray.data import ActorPoolStrategy, Datasink
 
@@ -331,15 +335,19 @@ def test_rows_are_counted_as_blocks_arrive_not_when_the_sink_writes(ray_local, w
                 pass
 
     tally = Tally()
-    inside = where == "inside the actor"
-    ds = ray.data.range(600, override_num_blocks=6).map_batches(
-        tally.counted(_Slow) if inside else _Slow, batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=0.25
-    )  # fmt: skip
+    ds = ray.data.range(600, override_num_blocks=6)
+    if where == "inside the task":  # one task at a time, as the actor pool of one below
+        ds = ds.map_batches(tally.counted(_slow), batch_size=None, num_cpus=0.25, concurrency=1)
+    else:
+        stage = tally.counted(_Slow) if where == "inside the actor" else _Slow
+        ds = ds.map_batches(stage, batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+    inside = where != "counting step"
     assert tally.inside == inside
     with track("count test", lambda: 600, tally) as tracker:
         if inside:
             counted = ds
-            assert "_Slow" in ds._logical_plan.dag.name  # the stage keeps its name in Ray's logs and dashboard
+            # the stage keeps its name in Ray's logs and dashboard
+            assert ds._logical_plan.dag.name.endswith("_Slow)" if where == "inside the actor" else "_slow)")
         else:
             counted = tracker.wrap(ds, tasks=2)
             assert counted._logical_plan.dag.compute.size == 2  # at most two counting tasks at once
@@ -356,5 +364,9 @@ def test_a_stage_that_yields_cannot_count_inside(ray_local):
         def __call__(self, batch):
             yield batch
 
-    with pytest.raises(TypeError, match="Yields.__call__ yields batches"):
-        Tally().counted(Yields)
+    def yields(batch):
+        yield batch
+
+    for udf in (Yields, yields):
+        with pytest.raises(TypeError, match=f"{udf.__name__} yields batches"):
+            Tally().counted(udf)
