@@ -159,7 +159,7 @@ def input_rows(batch: pa.Table) -> int:
 def count_rows(batch: pa.Table, counter, key: str) -> pa.Table:
     import ray
 
-    # Waited for (~1 ms a block): a call still in flight when its task ends could be lost to the final count.
+    # Waited for (~1 ms a call): a call still in flight when its task ends could be lost to the final count.
     try:
         ray.get(counter.add.remote(key, input_rows(batch)))
     except ray.exceptions.RayActorError:  # progress is a convenience: the rows go on, the ledger counts them
@@ -184,8 +184,8 @@ def counted_udf(udf, counter, key: str):
         return type(udf.__name__, (udf,), {"__call__": __call__, "__doc__": udf.__doc__, "__module__": __name__})
 
     @functools.wraps(udf)
-    def counted(batch, **kwargs):
-        return count_rows(udf(batch, **kwargs), counter, key)
+    def counted(batch, *args, **kwargs):  # map_batches' fn_args and fn_kwargs
+        return count_rows(udf(batch, *args, **kwargs), counter, key)
 
     return counted
 
@@ -202,7 +202,7 @@ class Tally:
     def __init__(self):
         self.counter = _session_counter()
         self.key = uuid.uuid4().hex
-        self.inside = False  # set once a stage counts inside its actor: no counting step is then added
+        self.inside = False  # set once a stage counts in its own actor or task: no counting step is then added
 
     def counted(self, udf):
         """``udf`` (a map function or callable class) counting its output rows under this tally (``counted_udf``);
