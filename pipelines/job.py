@@ -50,8 +50,8 @@ def execute(
     """Run one attempt and return the manifest (also written to ``{output}/_manifest.json``).
 
     ``build(out, gpus_in_cluster, tally) -> (dataset or None, RowSink)`` is called inside the Ray session: a dataset
-    whose last step before the sink is an actor counts its rows there (``tally.counted``), else a counting step is
-    added after it. ``describe()`` adds the pipeline's own manifest sections after the run.
+    counts its rows in its last step before the sink, task or actor (``tally.counted``); one built without that gets
+    a counting step after it. ``describe()`` adds the pipeline's own manifest sections after the run.
     """
     t_start = time.perf_counter()
     out = open_output(output, storage, fingerprint, overwrite=overwrite)

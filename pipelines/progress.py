@@ -377,7 +377,7 @@ class Tracker:
 def track(stage: str, count_total, tally: Tally | None = None):
     """A ``Tracker`` for the duration of one stage's run; ``count_total()`` gives its rows (or None), computed in
     the thread so footer reads never delay the start. ``tally``: where the stage counts its rows, when its dataset
-    was built to count inside its last actor (``Tally.counted``); else a new one. Logs a last line at the end."""
+    was built to count in its last step (``Tally.counted``); else a new one. Logs a last line at the end."""
 
     interval = float(os.environ.get("KALM_PROGRESS_S", DEFAULT_INTERVAL_S))
     tracker = Tracker(stage, tally or Tally(), interval, stall_s())
