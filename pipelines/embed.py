@@ -274,7 +274,7 @@ def fingerprint(p: EmbedPlan, weights_hash: str) -> dict:
     return out
 
 
-def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int, tally: Tally | None = None):
+def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int, tally: Tally):
     """The streaming plan: read -> validate -> tokenize (CPU actors) -> embed (model actors); None if all is done.
 
     ``out``: what earlier attempts committed; their rows are not read again. ``rows_in_file``: the sink's rows per
@@ -325,7 +325,7 @@ def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int, tally: Tally | N
         **POOL_ACTOR,
     )
     ds = ds.map_batches(
-        Embedder if tally is None else tally.counted(Embedder),
+        tally.counted(Embedder),
         fn_constructor_kwargs={"cfg": p.embed},
         batch_size=p.embed.batch_size,
         batch_format="pyarrow",

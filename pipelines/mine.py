@@ -542,8 +542,7 @@ def run(job: MineJobConfig, command: str = "mine") -> dict:
                     )
                 # The teacher's batch size: a selector batch gathering 1024 teacher outputs would hold back both the
                 # write and the progress count for 16 teacher calls.
-                ds = _selected(ds, mcfg, texts, batch_size=teacher.batch_size if teacher else job.search_batch,
-                               tally=tally)  # fmt: skip
+                ds = _selected(ds, mcfg, texts, tally, batch_size=teacher.batch_size if teacher else job.search_batch)
             return ds, _candidates_sink(out, job.query_id_column)
 
         settings = to_dict(job)
@@ -585,10 +584,9 @@ def _text_store(job, inputs: Inputs) -> list:
     return texts
 
 
-def _selected(ds, mcfg: MineConfig, texts: list, batch_size: int = 1024, tally: Tally | None = None):
-    """``ds`` through the NegativeSelector actors, which count their output rows in ``tally``, if given."""
-    selector = NegativeSelector if tally is None else tally.counted(NegativeSelector)
-    return ds.map_batches(selector, fn_constructor_kwargs={"cfg": mcfg, "texts": texts},
+def _selected(ds, mcfg: MineConfig, texts: list, tally: Tally, batch_size: int = 1024):
+    """``ds`` through the NegativeSelector actors, which count their output rows in ``tally``."""
+    return ds.map_batches(tally.counted(NegativeSelector), fn_constructor_kwargs={"cfg": mcfg, "texts": texts},
                           batch_size=batch_size, compute=_cpu_pool(), num_cpus=0.25, udf_modifying_row_count=False,
                           **POOL_ACTOR)  # fmt: skip
 
@@ -718,7 +716,7 @@ def run_select(job: SelectJobConfig) -> dict:
 
         def build(out, gpus, tally):
             ds = out.read(candidates, columns=None, num_cpus=0.25)
-            selected = None if ds is None else _selected(ds, mcfg, texts, tally=tally)
+            selected = None if ds is None else _selected(ds, mcfg, texts, tally)
             return selected, _candidates_sink(out, mcfg.query_id_column)
 
         settings = to_dict(job)

@@ -188,7 +188,7 @@ def plan(job: ScoreJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes
     return ScorePlan(job, inp, output, rows, teacher, block_mb, queries=queries, corpus=corpus, ids=ids)
 
 
-def build_dataset(p: ScorePlan, out, tally: Tally | None = None):
+def build_dataset(p: ScorePlan, out, tally: Tally):
     """read -> texts looked up by id (when the rows carry ids) -> validate -> teacher scores; None if all is done.
     ``tally``: the teacher actors count the rows they score there (``progress.Tally``)."""
     from ray.data import ActorPoolStrategy, DataContext
@@ -224,7 +224,7 @@ def build_dataset(p: ScorePlan, out, tally: Tally | None = None):
         udf_modifying_row_count=False,
     )
     return ds.map_batches(
-        TeacherScorer if tally is None else tally.counted(TeacherScorer),
+        tally.counted(TeacherScorer),
         fn_constructor_kwargs={"cfg": p.teacher},
         batch_size=p.teacher.batch_size,
         compute=ActorPoolStrategy(size=p.teacher.replicas),

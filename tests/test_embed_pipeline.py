@@ -232,6 +232,7 @@ def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path)
 
     from pipelines.embed import EmbedJobConfig, build_dataset, plan, store_limit
     from pipelines.output import open_output
+    from pipelines.progress import Tally
 
     (tmp_path / "in").mkdir()
     for f in range(2):
@@ -241,7 +242,7 @@ def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path)
     out = open_output(str(tmp_path / "out"), job.storage(), {}, overwrite=False)
     p = plan(job, gpus_in_cluster=0)
     driver_limit = DataContext.get_current().execution_options.resource_limits.object_store_memory
-    ds = build_dataset(p, out, rows_in_file=100_000)
+    ds = build_dataset(p, out, rows_in_file=100_000, tally=Tally())
     # the run's object store limit is on this dataset only: a later stage in the same driver keeps Ray's default
     assert ds.context.execution_options.resource_limits.object_store_memory == store_limit(p.embed, 100_000)
     assert DataContext.get_current().execution_options.resource_limits.object_store_memory == driver_limit

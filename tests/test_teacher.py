@@ -180,6 +180,7 @@ def test_kalm_score_end_to_end_with_bad_rows(ray_local, tiny_cross_encoder, tmp_
 def test_score_validates_inside_the_read_tasks(ray_local, tiny_cross_encoder, tmp_path):
     """Ray Data fuses the validation into the read only while it takes whole blocks: a batch size would undo it."""
     from pipelines.output import open_output
+    from pipelines.progress import Tally
     from pipelines.score import ScoreJobConfig, build_dataset, plan
 
     src = tmp_path / "train.jsonl"
@@ -187,7 +188,7 @@ def test_score_validates_inside_the_read_tasks(ray_local, tiny_cross_encoder, tm
     job = ScoreJobConfig(input=str(src), teacher=str(tiny_cross_encoder), teacher_kind="cross-encoder",
                          max_length=32, batch_size=3, block_mb=0.001)  # fmt: skip
     out = open_output(str(tmp_path / "out"), job.storage(), {}, overwrite=False)
-    ds = build_dataset(plan(job, gpus_in_cluster=0), out)
+    ds = build_dataset(plan(job, gpus_in_cluster=0), out, Tally())
     assert sum(len(b["query"]) for b in ds.iter_batches(batch_size=None)) == 12
     assert "ReadProvenance->MapBatches(validate_training_table)" in ds.stats()
 
