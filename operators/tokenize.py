@@ -58,6 +58,9 @@ class TokenizeConfig:
     prompt: str | None = None  # applied before tokenising; "{text}" marks where the text goes, else a prefix
     max_length: int = 512  # counts prompt and special tokens
     replicas: int = 1
+    # Autoscaling: Ray Data adds actors up to this many while the tokenizers are the bottleneck (their queue backs
+    # up) and removes them when the model is; None: a fixed pool of ``replicas``.
+    max_replicas: int | None = None
     num_cpus: float = 0.25
     batch_size: int = 1024
     keep_text: bool = False  # pass the text column on (asked for as an output column); else it is dropped here
@@ -79,6 +82,8 @@ class TokenizeConfig:
                 f"tokenizer replicas, num_cpus and batch_size must be positive, got "
                 f"{self.replicas}, {self.num_cpus}, {self.batch_size}"
             )
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"tokenizer max_replicas ({self.max_replicas}) must be >= replicas ({self.replicas})")
 
 
 def apply_prompt(prompt: str | None, text: str) -> str:

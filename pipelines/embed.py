@@ -6,6 +6,7 @@ Run it as ``kalm embed ...`` or ``python -m pipelines.embed ...`` (the form a Ra
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -68,7 +69,8 @@ class EmbedJobConfig(StorageSettings):
     # tokenizer's share) on a 2-core node leaves the read and write tasks too little and the job stalls. The
     # replica's torch threads are set separately (EmbedConfig.torch_threads).
     embed_num_cpus: float | None = None
-    # default: one per GPU replica (one tokenizer feeds ~29k rows/s), one in all on CPU (models take ~100 rows/s)
+    # A fixed pool of this many; default on GPU: one per model replica, autoscaled by Ray Data up to
+    # ``tokenizers_for`` while they are the bottleneck; on CPU one in all (models take ~100 rows/s)
     tokenizer_replicas: int | None = None
     tokenizer_num_cpus: float = 0.25
     io_num_cpus: float = 0.25
@@ -169,7 +171,7 @@ def plan(job: EmbedJobConfig, *, gpus_in_cluster: float | None = None, cpu_nodes
             text_column=job.text_column,
             prompt=prompt_for(job),
             max_length=max_length,
-            replicas=job.tokenizer_replicas or (replicas if num_gpus > 0 else 1),
+            **tokenizers_for(job.tokenizer_replicas, replicas, num_gpus),
             num_cpus=job.tokenizer_num_cpus,
             batch_size=batch_size,
             keep_text=job.text_column in job.keep_columns,
@@ -219,6 +221,24 @@ CPU_BLOCK_MB = 0.5
 
 def block_mb_for(block_mb: float | None, num_gpus: float) -> float:
     return block_mb or (GPU_BLOCK_MB if num_gpus > 0 else CPU_BLOCK_MB)
+
+
+# Tokenizer actors a GPU may need, at most. One actor runs one Rust thread (its logical CPUs, at least one):
+# 6.7k rows/s of the bundled corpus on an H200 machine's host (10.1k at 2 threads, 21.1k at 4;
+# tests/gpu/tokenizer_rate.py), while one H200 embeds 71k rows/s of it with all-MiniLM-L6-v2 and 6.5k with a
+# compiled 0.5B model (tests/gpu/h200-2026-12-04.json). A small model thus needs ~11 actors per GPU, a 0.5B one 1.
+TOKENIZERS_PER_GPU = 12
+
+
+def tokenizers_for(fixed: int | None, replicas: int, num_gpus: float) -> dict[str, int | None]:
+    """Tokenizer pool size: ``fixed`` when given; on CPU one; on GPU one per model replica to start with, and Ray
+    Data's autoscaler adds actors up to ``TOKENIZERS_PER_GPU`` per GPU while the tokenizers hold the models back
+    (their input queue backs up), within its CPU budget, and removes them when the models are the bottleneck."""
+    if fixed:
+        return {"replicas": fixed, "max_replicas": None}
+    if num_gpus <= 0:
+        return {"replicas": 1, "max_replicas": None}
+    return {"replicas": replicas, "max_replicas": max(replicas, math.ceil(replicas * num_gpus * TOKENIZERS_PER_GPU))}
 
 
 def forward_limits(num_gpus: float, max_tokens: int | None, max_rows: int | None) -> dict[str, int]:
@@ -319,7 +339,9 @@ def build_dataset(p: EmbedPlan, out: Output, rows_in_file: int, tally: Tally):
         fn_constructor_kwargs={"cfg": p.tokenize},
         batch_size=p.tokenize.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=p.tokenize.replicas),
+        compute=ActorPoolStrategy(
+            min_size=p.tokenize.replicas, max_size=p.tokenize.max_replicas or p.tokenize.replicas
+        ),  # fmt: skip
         num_cpus=p.tokenize.num_cpus,
         udf_modifying_row_count=False,
         **POOL_ACTOR,

@@ -55,6 +55,11 @@ def test_plan_resolves_resources_from_the_cluster(tiny_bert):
     gpu = plan(EmbedJobConfig(model=tiny_bert, max_length=32, num_gpus=0.5), gpus_in_cluster=4)
     assert (gpu.embed.num_gpus, gpu.embed.replicas, gpu.embed.max_tokens, gpu.embed.num_cpus) == (0.5, 8, 65536, 1.0)
     assert gpu.tokenize.replicas == 8 and gpu.embed.batch_size == 8192 and cpu.embed.batch_size == 1024
+    # GPU: the tokenizer pool starts at one actor per model replica and may grow to 12 per GPU (8 x 0.5 GPU x 12);
+    # a fixed pool when asked for; on CPU one, fixed
+    assert (gpu.tokenize.max_replicas, cpu.tokenize.replicas, cpu.tokenize.max_replicas) == (48, 1, None)
+    fixed = plan(EmbedJobConfig(model=tiny_bert, max_length=32, tokenizer_replicas=3), gpus_in_cluster=4)
+    assert (fixed.tokenize.replicas, fixed.tokenize.max_replicas) == (3, None)
     # CPU: one replica per CPU up to four, at most one per 128 KiB of input (the bundled corpus is 398 KB: three),
     # and one tokenizer for them all
     for cpus, replicas in ((1, 1), (2, 2), (3, 3), (16, 3)):
@@ -90,7 +95,8 @@ def test_replicas_auto_follows_the_cluster_and_a_number_is_kept(tmp_path, tiny_b
     job = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto", "--num-gpus", "0.25"])
     assert job.replicas == "auto"
     assert plan(job, gpus_in_cluster=3).embed.replicas == 12  # four replicas on each of 3 GPUs
-    assert plan(job, gpus_in_cluster=3).tokenize.replicas == 12
+    assert (plan(job, gpus_in_cluster=3).tokenize.replicas, plan(job, gpus_in_cluster=3).tokenize.max_replicas) == (
+        12, 36)  # fmt: skip
     cpu = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto"])
     assert plan(cpu, gpus_in_cluster=0).embed.replicas == 1  # CPUs not known yet (the plan before Ray starts)
     assert plan(cpu, gpus_in_cluster=0, cpu_nodes=(2,)).embed.replicas == 2

@@ -230,6 +230,8 @@ def test_config_errors_name_bad_value_and_valid_ones(tiny_bert):
         EmbedConfig(model=info, dims=(64, 8))
     with pytest.raises(ValueError, match="max_length 100 exceeds the model's max_position_embeddings 64"):
         TokenizeConfig(model=info, max_length=100)
+    with pytest.raises(ValueError, match=r"tokenizer max_replicas \(2\) must be >= replicas \(3\)"):
+        TokenizeConfig(model=info, max_length=16, replicas=3, max_replicas=2)
 
 
 def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_bert):
