@@ -30,6 +30,8 @@ EMBED_HELP = {
     "format": "input format: parquet, jsonl, csv or hf (default: from file names)",
     "model": "local model folder (default: the bundled all-MiniLM-L6-v2)",
     "add_ids": "derive stable ids from file + row position when the input has no id column",
+    "tokenizer_replicas": "a fixed pool of this many Tokenizer actors (default: on GPU one per model replica, "
+    "autoscaled up to 12 per GPU while they hold the models back; on CPU one)",
     "keep_columns": "comma-separated input columns to copy to the output",
     "text_kind": "document (default) or query: which prompt applies",
     "task": "the task filled into {task} of the query prompt",
@@ -106,8 +108,6 @@ MINE_HELP = {
     "candidates": "a kalm mine output folder whose candidates table to select from",
     "st_columns": "also write sentence-transformers columns anchor, positive, negative_1..n (train-st/)",
     "miners": "QueryMiner actors searching in parallel",
-    "tokenizer_replicas": "a fixed pool of this many Tokenizer actors (default: on GPU one per student replica, "
-    "autoscaled up to 12 per GPU while they hold the models back; on CPU one)",
     "num_gpus": "GPUs per student replica, fractional allowed (default: 1 if the cluster has GPUs)",
     "replicas": "student replicas, or auto: the cluster's GPUs / num_gpus, 1 on CPU (default: auto)",
     "teacher_num_gpus": "GPUs per teacher replica, fractional allowed (default: as --num-gpus)",
