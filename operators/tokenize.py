@@ -58,8 +58,8 @@ class TokenizeConfig:
     prompt: str | None = None  # applied before tokenising; "{text}" marks where the text goes, else a prefix
     max_length: int = 512  # counts prompt and special tokens
     replicas: int = 1
-    # Autoscaling: Ray Data adds actors up to this many while the tokenizers are the bottleneck (their queue backs
-    # up) and removes them when the model is; None: a fixed pool of ``replicas``.
+    # Autoscaling: Ray Data adds actors, up to this many, while the tokenizers' queue backs up (within the stage's
+    # CPU budget); None: a fixed pool of ``replicas``.
     max_replicas: int | None = None
     num_cpus: float = 0.25
     batch_size: int = 1024

@@ -232,8 +232,8 @@ TOKENIZERS_PER_GPU = 12
 
 def tokenizers_for(fixed: int | None, replicas: int, num_gpus: float) -> dict[str, int | None]:
     """Tokenizer pool size: ``fixed`` when given; on CPU one; on GPU one per model replica to start with, and Ray
-    Data's autoscaler adds actors up to ``TOKENIZERS_PER_GPU`` per GPU while the tokenizers hold the models back
-    (their input queue backs up), within its CPU budget, and removes them when the models are the bottleneck."""
+    Data's autoscaler adds actors, up to ``TOKENIZERS_PER_GPU`` per GPU, while the tokenizers hold the models back
+    (their input queue backs up), within the CPU budget it gives the stage."""
     if fixed:
         return {"replicas": fixed, "max_replicas": None}
     if num_gpus <= 0:
