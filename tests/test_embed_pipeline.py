@@ -252,6 +252,29 @@ def test_block_size_splits_work_into_many_blocks(ray_local, tiny_bert, tmp_path)
     assert "ReadProvenance->MapBatches(validate_rows)" in ds.stats()
 
 
+def test_gpu_tokenizer_pool_autoscales_and_cpu_pool_is_fixed(ray_local, tiny_bert, tmp_path):
+    """The plan's tokenizer limits reach Ray Data: on GPU an actor pool from one tokenizer per model replica up to
+    ``TOKENIZERS_PER_GPU`` per GPU (one tokenizer thread feeds a tenth of what an H200 embeds with a small model),
+    on CPU one fixed actor. Read from the built dataset's logical plan; nothing runs."""
+    from pipelines.embed import TOKENIZERS_PER_GPU, EmbedJobConfig, build_dataset, plan
+    from pipelines.output import open_output
+    from pipelines.progress import Tally
+
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x y", "z"]}), tmp_path / "in.parquet")
+    job = EmbedJobConfig(input=str(tmp_path / "in.parquet"), model=tiny_bert, max_length=32, device="cpu",
+                         dedupe_ids=False)  # fmt: skip
+
+    def tokenizer_pool(gpus: int) -> tuple:
+        out = open_output(str(tmp_path / f"out{gpus}"), job.storage(), {}, overwrite=False)
+        op = build_dataset(plan(job, gpus_in_cluster=gpus), out, rows_in_file=100_000, tally=Tally())._logical_plan.dag
+        while "Tokenizer" not in op.name:
+            op = op.input_dependencies[0]
+        return op.compute.min_size, op.compute.max_size
+
+    assert tokenizer_pool(2) == (2, 2 * TOKENIZERS_PER_GPU)
+    assert tokenizer_pool(0) == (1, 1)
+
+
 def test_local_ray_reuses_idle_task_workers(ray_local):
     """On a node whose CPUs are held by actors (a run's model replicas), Ray's default kills a task worker idle for
     1 s, and every read or write task then starts a Python worker; the local session keeps them a minute
