@@ -2,15 +2,17 @@
 
 It checks and measures, in one run:
 1. the bf16 matmul peak of this GPU (the MFU denominator);
-2. correctness on CUDA: the Embedder (bf16 + SDPA, and fp32) against sentence-transformers encode of the same
-   model on the same GPU, cosine per row;
-3. throughput of the Embedder in bf16 for all-MiniLM-L6-v2 (real texts) and a randomly initialised
-   Qwen2-0.5B-shaped model with bidirectional attention (token lengths of the real texts): tokens/s, rows/s,
-   model FLOP/s and MFU, over a few token budgets, eager, then compiled (``--compile``) at the largest; the
-   0.5B model's largest budget profiled, eager and compiled (the top ops, full tables beside ``--out``);
-4. Tokenizer throughput on CPU (to size tokenizer actors per GPU).
+2. correctness on CUDA: the Embedder (fp32, bf16 and fp16, SDPA) against sentence-transformers encode of the
+   same model on the same GPU, cosine per row;
+3. throughput of the Embedder in bf16 for a randomly initialised Qwen2-0.5B-shaped model with bidirectional
+   attention (token lengths of the real texts; first, as its MFU is the issue's goal) and all-MiniLM-L6-v2 (real
+   texts): tokens/s, rows/s, model FLOP/s and MFU over token budgets, the median of three passes, eager, then
+   compiled (``--compile``) at the two largest; the 0.5B model's largest budget profiled, eager and compiled (the
+   top ops, full tables beside ``--out``); sentence-transformers encode on the same texts;
+4. the tokenizer's rows/s in this process (one actor's, at a given thread count: ``tokenizer_rate.py``).
+``--goal`` measures only the peak and the compiled 0.5B model at 65,536 tokens.
 
-Usage: python tests/gpu/gpu_check.py --minilm DIR --out results.json [--quick] [--device cuda]
+Usage: python tests/gpu/gpu_check.py --minilm DIR --out results.json [--quick] [--goal] [--device cuda]
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: floa
                                max_rows=2048, batch_size=8192, **cfg))  # fmt: skip
     fl = model_flops(emb.model, lengths)
     results = []
-    for k, mt in enumerate(budgets):
+    for i, mt in enumerate(budgets):
         emb.cfg = dataclasses.replace(emb.cfg, max_tokens=mt)
         warm_s = run_embedder(emb, batch if cfg.get("compile") else batch.slice(0, 1024), dev)
         times = sorted(run_embedder(emb, batch, dev) for _ in range(passes))
@@ -96,7 +98,7 @@ def sweep(name: str, info, batch: dict, budgets: list[int], dev: str, peak: floa
              "tflops": round(fl / dt / 1e12, 2), "mfu": round(fl / dt / peak, 4), "warm_up_s": round(warm_s, 1),
              "pass_s": [round(t, 3) for t in times], "attn": emb.model.config._attn_implementation,
              **{k: v for k, v in cfg.items() if k != "bidirectional"}}  # fmt: skip
-        if profile_to is not None and k == len(budgets) - 1:
+        if profile_to is not None and i == len(budgets) - 1:
             r["profile"] = profile(emb, batch, dev, profile_to)
         results.append(r)
         print(name, {k: v for k, v in r.items() if k != "profile"}, flush=True)
