@@ -95,8 +95,8 @@ def test_replicas_auto_follows_the_cluster_and_a_number_is_kept(tmp_path, tiny_b
     job = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto", "--num-gpus", "0.25"])
     assert job.replicas == "auto"
     assert plan(job, gpus_in_cluster=3).embed.replicas == 12  # four replicas on each of 3 GPUs
-    assert (plan(job, gpus_in_cluster=3).tokenize.replicas, plan(job, gpus_in_cluster=3).tokenize.max_replicas) == (
-        12, 36)  # fmt: skip
+    tokenize = plan(job, gpus_in_cluster=3).tokenize
+    assert (tokenize.replicas, tokenize.max_replicas) == (12, 36)
     cpu = _load(tmp_path, f"model: {tiny_bert}\nmax_length: 32\n", ["--replicas", "auto"])
     assert plan(cpu, gpus_in_cluster=0).embed.replicas == 1  # CPUs not known yet (the plan before Ray starts)
     assert plan(cpu, gpus_in_cluster=0, cpu_nodes=(2,)).embed.replicas == 2
